@@ -1,0 +1,276 @@
+"""HVT: a ViT that max-pools its tokens after some blocks (Pan et al., ICCV 2021).
+
+The module tree mirrors the official PyTorch release so weights map one to one
+(see `convert.py`): `patch_embed`, `pos_embed`, `blocks_{i}/{norm1,attn/{qkv,proj},
+norm2,mlp/{fc1,fc2},pos_embed}`, `norm`, `head`.
+
+Inputs are normalized NHWC float images; outputs are float32 logits. With
+`class_token=True` and `pool_every=0` the same code is a DeiT baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hvt_jax.errors import UserError
+
+# Published models (HVT_FACTS.md). Every other field takes `HVT`'s default.
+VARIANTS: dict[str, dict[str, Any]] = {
+    'hvt-ti-1': dict(num_heads=3, pool_every=12),
+    'hvt-s-0': dict(num_heads=6, pool_every=0),
+    'hvt-s-1': dict(num_heads=6, pool_every=12),
+    'hvt-s-2': dict(num_heads=6, pool_every=6),
+    'hvt-s-3': dict(num_heads=6, pool_every=4),
+    'hvt-s-4': dict(num_heads=6, pool_every=3),
+    'deit-ti': dict(num_heads=3, pool_every=0, class_token=True),
+    'deit-s': dict(num_heads=6, pool_every=0, class_token=True),
+}
+
+_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# PyTorch's default Conv2d init (kaiming uniform, a=sqrt(5)): the official code keeps it.
+_torch_conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+class ConfigError(UserError):
+  """A model setting that cannot work; the message says which and what to do."""
+
+
+def variant(name: str, **overrides) -> dict[str, Any]:
+  """All keyword arguments of `HVT` for a published model, with `overrides` applied."""
+  key = name.lower()
+  if key not in VARIANTS:
+    raise ConfigError(f'unknown model {name!r}; choose one of {", ".join(VARIANTS)}.')
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(HVT)} - {'parent', 'name'}
+  if unknown:
+    raise ConfigError(f'unknown model setting(s) {sorted(unknown)}; valid: {model_fields()}.')
+  defaults = {f.name: f.default for f in dataclasses.fields(HVT) if f.name in model_fields()}
+  return {**defaults, **VARIANTS[key], **overrides}
+
+
+def model_fields() -> list[str]:
+  return [f.name for f in dataclasses.fields(HVT) if f.name not in ('parent', 'name')]
+
+
+def pools_at(block: int, pool_every: int) -> bool:
+  """Official rule: block i pools when i % pool_every == 0, so block 0 always pools."""
+  return pool_every > 0 and block % pool_every == 0
+
+
+def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: int,
+                     pool_kernel: int = 3, pool_stride: int = 2, class_token: bool = False,
+                     **_) -> list[int]:
+  """Tokens entering each block, then the count reaching the head (len depth + 1).
+
+  Raises ConfigError for image sizes the patch does not divide and pooling that
+  would leave fewer than one token.
+  """
+  if image_size % patch_size:
+    raise ConfigError(f'image size {image_size} is not divisible by patch size {patch_size}; '
+                      f'use a multiple of {patch_size} (e.g. {image_size // patch_size * patch_size or patch_size}).')
+  if pool_every and class_token:
+    raise ConfigError('a class token cannot be max-pooled with the patch tokens; set '
+                      'pool_every=0 or class_token=False.')
+  n = (image_size // patch_size) ** 2 + int(class_token)
+  counts = []
+  for i in range(depth):
+    counts.append(n)
+    if pools_at(i, pool_every):
+      if n < pool_kernel:
+        raise ConfigError(f'pooling after block {i} needs at least {pool_kernel} tokens but has {n}; '
+                          'use fewer pooling stages (larger pool_every) or a larger image.')
+      n = (n - pool_kernel) // pool_stride + 1
+  counts.append(n)
+  return counts
+
+
+class Attention(nn.Module):
+  num_heads: int
+  head_dim: int
+  dropout: float
+  attention_dropout: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b, n, _ = x.shape
+    width = self.num_heads * self.head_dim
+    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal, name=name)
+    # One projection for q, k, v: features ordered [q, k, v], heads contiguous (as upstream).
+    qkv = dense(3 * width, 'qkv')(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.attention_dropout and train:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * self.head_dim ** -0.5
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+    out = dense(width, 'proj')(out.reshape(b, n, width))
+    return nn.Dropout(self.dropout)(out, deterministic=not train)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dropout: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    width = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal, name='fc2')(x)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def max_pool_tokens(x, kernel: int, stride: int):
+  """1-D max-pool over the token axis of (B, N, D), no padding.
+
+  Written as the max of `kernel` strided slices: the same values as
+  reduce_window, but XLA compiles it faster and its gradient is a cheap scatter
+  of slices rather than select-and-scatter (6x faster backward on CPU).
+  """
+  n_out = (x.shape[1] - kernel) // stride + 1
+  span = stride * (n_out - 1) + 1
+  return functools.reduce(jnp.maximum, [x[:, t:t + span:stride] for t in range(kernel)])
+
+
+def layer_norm(name: str, dtype) -> nn.LayerNorm:
+  # Two-pass variance as in PyTorch: the one-pass form loses digits against the reference.
+  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; a pooling block max-pools and adds a new position embedding."""
+  num_heads: int
+  head_dim: int
+  mlp_ratio: float
+  drop_path: float
+  dropout: float
+  attention_dropout: float
+  pool: tuple[int, int] | None  # (kernel, stride), or None for no pooling
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    # Stochastic depth: drop the whole residual branch per example.
+    drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(y, deterministic=not train)
+    y = Attention(self.num_heads, self.head_dim, self.dropout, self.attention_dropout, self.dtype,
+                  name='attn')(layer_norm('norm1', self.dtype)(x), train)
+    x = x + drop_path(y)
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dropout, self.dtype,
+            name='mlp')(layer_norm('norm2', self.dtype)(x), train)
+    x = x + drop_path(y)
+    if self.pool is not None:
+      kernel, stride = self.pool
+      self.sow('intermediates', 'before_pool', x)
+      x = max_pool_tokens(x, kernel, stride)
+      pos = self.param('pos_embed', _trunc_normal, (1,) + x.shape[1:], jnp.float32)
+      x = x + pos.astype(x.dtype)
+    return x
+
+
+class HVT(nn.Module):
+  """Hierarchical Visual Transformer.
+
+  `model.apply({'params': p}, images, train=False)` maps (B, H, W, 3) normalized
+  images to (B, num_classes) float32 logits. With `train=True`, pass
+  `rngs={'dropout': key}` for stochastic depth and dropout.
+
+  Pass `mutable=['intermediates']` to also get, per pooling block, the tokens
+  before the pool (`blocks_{i}/before_pool`), the last block's tokens
+  (`final_tokens`) and the features before the head (`pre_logits`);
+  `stage_features` collects them per stage.
+  """
+  image_size: int = 224
+  patch_size: int = 16
+  num_heads: int = 6
+  head_dim: int = 64
+  depth: int = 12
+  mlp_ratio: float = 4.0
+  pool_every: int = 0
+  pool_kernel: int = 3
+  pool_stride: int = 2
+  num_classes: int = 1000
+  class_token: bool = False
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+  def config(self) -> dict[str, Any]:
+    """The fields that rebuild this model: `HVT(**model.config())`."""
+    return {name: getattr(self, name) for name in model_fields()}
+
+  def tokens_per_block(self) -> list[int]:
+    return tokens_per_block(**self.config())
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    self.tokens_per_block()  # fail early, in words, on impossible settings
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ConfigError(f'expected images of shape (batch, {self.image_size}, {self.image_size}, 3) '
+                        f'(NHWC), got {tuple(images.shape)}; resize/crop to image_size or set it.')
+    dtype = jnp.dtype(self.dtype)
+    width = self.num_heads * self.head_dim
+    p = self.patch_size
+    x = nn.Conv(width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
+                kernel_init=_torch_conv_init, name='patch_embed')(images.astype(dtype))
+    b = x.shape[0]
+    x = x.reshape(b, -1, width)  # row-major patch order, as upstream
+    if self.class_token:
+      cls = self.param('cls_token', _trunc_normal, (1, 1, width), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, width)), x], axis=1)
+    pos = self.param('pos_embed', _trunc_normal, (1,) + x.shape[1:], jnp.float32)
+    x = nn.Dropout(self.dropout)(x + pos.astype(dtype), deterministic=not train)
+
+    rates = np.linspace(0.0, self.drop_path, self.depth)
+    for i in range(self.depth):
+      pool = (self.pool_kernel, self.pool_stride) if pools_at(i, self.pool_every) else None
+      x = Block(self.num_heads, self.head_dim, self.mlp_ratio, float(rates[i]), self.dropout,
+                self.attention_dropout, pool, dtype, name=f'blocks_{i}')(x, train)
+    self.sow('intermediates', 'final_tokens', x)
+
+    x = layer_norm('norm', dtype)(x)
+    x = x[:, 0] if self.class_token else x.mean(axis=1)
+    self.sow('intermediates', 'pre_logits', x)
+    logits = nn.Dense(self.num_classes, dtype=dtype, kernel_init=_trunc_normal, name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+def create(name_or_config: str | dict[str, Any], **overrides) -> HVT:
+  """`create('hvt-s-1', num_classes=100)` or `create({...fields...})`."""
+  if isinstance(name_or_config, str):
+    return HVT(**variant(name_or_config, **overrides))
+  return HVT(**{**name_or_config, **overrides})
+
+
+def init_params(model: HVT, rng: jax.Array) -> dict:
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.jit(lambda r: model.init(r, images)['params'])(rng)
+
+
+def abstract_params(model: HVT) -> dict:
+  """Shapes and dtypes of the parameters, without computing them."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def param_count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def stage_features(model: HVT, params, images) -> list[jax.Array]:
+  """Tokens at the end of each stage: before each max-pool, then after the last block."""
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  inter = state['intermediates']
+  pooled = [inter[f'blocks_{i}']['before_pool'][0] for i in range(model.depth)
+            if pools_at(i, model.pool_every)]
+  return pooled + [inter['final_tokens'][0]]

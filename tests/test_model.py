@@ -1,0 +1,125 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY
+from hvt_jax import model as model_lib
+
+# HVT_FACTS.md: published parameter counts and the tokens entering blocks after each pooling.
+PUBLISHED = {
+    'hvt-ti-1': (5_735_656, [97]),
+    'hvt-s-0': (22_049_896, []),
+    'hvt-s-1': (22_087_144, [97]),
+    'hvt-s-2': (22_105_576, [97, 48]),
+    'hvt-s-3': (22_114_408, [97, 48, 23]),
+    'hvt-s-4': (22_118_632, [97, 48, 23, 11]),
+}
+
+
+def params_formula(d, depth, classes, pooled, p=16, n0=196):
+  """HVT_FACTS.md's closed form, independent of the module code."""
+  return d * (3 * p * p + 1) + n0 * d + depth * (12 * d * d + 13 * d) + d * sum(pooled) + 2 * d + (d + 1) * classes
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_published_param_counts_and_tokens(name):
+  count, pooled = PUBLISHED[name]
+  model = model_lib.create(name)
+  params = model_lib.abstract_params(model)
+  assert model_lib.param_count(params) == count
+  assert count == params_formula(model.num_heads * 64, 12, 1000, pooled)
+  counts = model.tokens_per_block()
+  assert counts[0] == 196
+  after_pool = [counts[i + 1] for i in range(12) if model_lib.pools_at(i, model.pool_every)]
+  assert after_pool == pooled
+  # The traced model really carries those shapes: each pooling block's position embedding.
+  for i, n in zip([i for i in range(12) if model_lib.pools_at(i, model.pool_every)], pooled):
+    assert params[f'blocks_{i}']['pos_embed'].shape == (1, n, model.num_heads * 64)
+  logits = jax.eval_shape(lambda p: model.apply({'params': p}, jnp.zeros((2, 224, 224, 3))), params)
+  assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+
+
+def test_stage_features_follow_the_token_counts():
+  model = model_lib.HVT(**TINY)
+  params = model_lib.init_params(model, jax.random.key(0))
+  feats = model_lib.stage_features(model, params, jnp.ones((3, 32, 32, 3)))
+  assert [f.shape for f in feats] == [(3, 64, 16), (3, 31, 16), (3, 15, 16)]
+  assert model.tokens_per_block() == [64, 31, 31, 15, 15]
+
+
+def test_deit_baseline_uses_class_token():
+  model = model_lib.HVT(**{**TINY, 'pool_every': 0, 'class_token': True})
+  params = model_lib.init_params(model, jax.random.key(0))
+  assert params['cls_token'].shape == (1, 1, 16)
+  assert params['pos_embed'].shape == (1, 65, 16)
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, jnp.ones((2, 32, 32, 3)))
+  assert logits.shape == (2, 5)
+
+
+def test_eval_is_deterministic_and_train_uses_the_rng():
+  model = model_lib.HVT(**TINY, drop_path=0.5, dropout=0.1)
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  apply = jax.jit(lambda p, x, train, key: model.apply({'params': p}, x, train=train,
+                                                      rngs={'dropout': key}), static_argnums=2)
+  e1, e2 = apply(params, x, False, jax.random.key(2)), apply(params, x, False, jax.random.key(3))
+  np.testing.assert_array_equal(e1, e2)  # eval ignores the rng
+  t1, t1b = apply(params, x, True, jax.random.key(2)), apply(params, x, True, jax.random.key(2))
+  t2 = apply(params, x, True, jax.random.key(3))
+  np.testing.assert_array_equal(t1, t1b)  # same key, same result
+  assert not np.allclose(t1, t2)  # the key matters in training
+  assert not np.allclose(t1, e1)  # training mode is stochastic
+
+
+def test_gradients_reach_every_parameter():
+  model = model_lib.HVT(**TINY, drop_path=0.1)
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  labels = jnp.arange(4) % 5
+
+  def loss(p):
+    logits = model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.key(5)})
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+
+  grads = jax.jit(jax.grad(loss))(params)
+  norms = {jax.tree_util.keystr(k): float(jnp.abs(g).sum())
+           for k, g in jax.tree_util.tree_leaves_with_path(grads)}
+  assert "['blocks_0']['pos_embed']" in norms and "['blocks_2']['pos_embed']" in norms
+  assert not [k for k, n in norms.items() if n == 0.0]
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params():
+  config = dict(TINY)
+  fp32 = model_lib.HVT(**config)
+  bf16 = model_lib.HVT(**config, dtype='bfloat16')
+  params = model_lib.init_params(bf16, jax.random.key(0))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  logits = jax.jit(lambda p, x: bf16.apply({'params': p}, x))(params, x)
+  assert logits.dtype == jnp.float32
+  assert {f.dtype for f in model_lib.stage_features(bf16, params, x)} == {jnp.dtype(jnp.bfloat16)}
+  ref = jax.jit(lambda p, x: fp32.apply({'params': p}, x))(params, x)
+  np.testing.assert_allclose(logits, ref, atol=0.1)
+  assert not np.array_equal(logits, ref)
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(image_size=30), 'not divisible by patch size 4'),
+    (dict(depth=8, pool_every=1), 'needs at least 3 tokens'),
+    (dict(class_token=True), 'class token cannot be max-pooled'),
+])
+def test_impossible_settings_say_why(settings, message):
+  model = model_lib.HVT(**{**TINY, **settings})
+  with pytest.raises(model_lib.ConfigError, match=message):
+    model.init(jax.random.key(0), jnp.zeros((1, model.image_size, model.image_size, 3)))
+
+
+def test_wrong_input_shape_and_unknown_names_say_why():
+  model = model_lib.HVT(**TINY)
+  with pytest.raises(model_lib.ConfigError, match=r'expected images of shape \(batch, 32, 32, 3\)'):
+    model.init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)))
+  with pytest.raises(model_lib.ConfigError, match='unknown model'):
+    model_lib.variant('hvt-xl')
+  with pytest.raises(model_lib.ConfigError, match='unknown model setting'):
+    model_lib.variant('hvt-s-1', pool_evry=3)
