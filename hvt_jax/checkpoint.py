@@ -2,8 +2,10 @@
 
 A *model dir* holds `model.json` (the `HVT` fields and where the weights came
 from) and `params/` (an Orbax PyTree of float32 arrays). The converter and the
-exporter write one; a training workdir holds one per saved step under
-`checkpoints/<step>/` (see `train_state.py`), with the optimizer beside it.
+exporter write one. A training workdir keeps an Orbax CheckpointManager under
+`checkpoints/`; each saved step holds the items `params`, `ema_params`, `opt`
+(optimizer state, step, rng), `data` (each process's input position) and
+`model` (the `HVT` fields), so weights can be read without the optimizer.
 Nothing here overwrites a saved model: writes go to a temporary directory that
 is renamed into place only once complete.
 """
@@ -16,6 +18,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -49,8 +52,12 @@ def read_model_json(directory: str) -> dict[str, Any]:
   return meta
 
 
-def save_model(directory: str, model: model_lib.HVT, params, **provenance) -> str:
-  """Writes a model dir; refuses to touch a directory that already has content."""
+def save_model(directory: str, model: model_lib.HVT, params, **meta) -> str:
+  """Writes a model dir; refuses to touch a directory that already has content.
+
+  `meta` goes into model.json beside the model config: `source` (provenance),
+  `preprocess` (eval crop_pct, interpolation, mean, std) and `class_names`.
+  """
   directory = os.path.abspath(directory)
   if os.path.isdir(directory) and os.listdir(directory):
     raise CheckpointError(f'{directory} already exists and is not empty; choose a new --output '
@@ -66,7 +73,7 @@ def save_model(directory: str, model: model_lib.HVT, params, **provenance) -> st
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      _write_json(os.path.join(tmp, MODEL_FILE), {'model': model.config(), **provenance})
+      _write_json(os.path.join(tmp, MODEL_FILE), {**meta, 'model': model.config()})
     if os.path.isdir(directory):
       os.rmdir(directory)  # empty, checked above
     os.replace(tmp, directory)
@@ -110,17 +117,134 @@ def restore_tree(path: str, sharding=None):
                           'the checkpoint is corrupt or incomplete.') from None
 
 
-def load_model_dir(directory: str, sharding=None):
-  meta = read_model_json(directory)
-  model = model_lib.HVT(**meta['model'])
-  params = restore_tree(os.path.join(directory, PARAMS_DIR), sharding)
+def _checked_params(model: model_lib.HVT, params, where: str):
   expected = model_lib.abstract_params(model)
   if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(lambda a: a.shape, expected):
-    raise CheckpointError(f'{directory}: the saved weights do not match {MODEL_FILE}; the model '
-                          'dir is corrupt.')
-  return model, params
+    raise CheckpointError(f'{where}: the saved weights do not match the saved model config; the '
+                          'checkpoint is corrupt.')
+  return params
 
 
-def load(path: str, sharding=None):
-  """`(model, params)` from a model dir, ready for `model.apply({'params': params}, x)`."""
-  return load_model_dir(path, sharding)
+def load_model_dir(directory: str, sharding=None):
+  model = model_lib.HVT(**read_model_json(directory)['model'])
+  return model, _checked_params(model, restore_tree(os.path.join(directory, PARAMS_DIR), sharding),
+                                directory)
+
+
+# --- training checkpoints -------------------------------------------------------
+
+CHECKPOINTS_DIR = 'checkpoints'
+BEST_METRIC = 'top1'
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest `keep` steps plus the best by eval top-1; saves asynchronously."""
+  best = lambda metrics: metrics[BEST_METRIC]
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(keep),
+      checkpoint_managers.BestN(get_metric_fn=best, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(best_fn=best, best_mode='max', preservation_policy=policy,
+                                         read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), options=options,
+                               item_names=('params', 'ema_params', 'opt', 'data', 'model'))
+
+
+def save_train(mngr: ocp.CheckpointManager, state, meta: dict[str, Any], data_states: list,
+               metrics: dict | None = None) -> None:
+  """`meta` is what a model dir's model.json holds (`model`, `preprocess`, `class_names`)."""
+  step = int(state.step)
+  items = dict(
+      params=ocp.args.StandardSave(state.params),
+      opt=ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}),
+      data=ocp.args.JsonSave(data_states),
+      model=ocp.args.JsonSave(meta),
+  )
+  if state.ema_params is not None:
+    items['ema_params'] = ocp.args.StandardSave(state.ema_params)
+  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings):
+  """The train state at `step` on `shardings`, and the saved per-process data positions."""
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)
+  items = dict(
+      params=ocp.args.StandardRestore(target.params),
+      opt=ocp.args.StandardRestore({'opt_state': target.opt_state, 'step': target.step,
+                                    'rng': target.rng}),
+      data=ocp.args.JsonRestore(),
+  )
+  if target.ema_params is not None:
+    items['ema_params'] = ocp.args.StandardRestore(target.ema_params)
+  where = os.path.join(str(mngr.directory), str(step))
+  try:
+    r = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax raises many types for damaged or mismatched files
+    raise CheckpointError(
+        f'cannot restore the checkpoint at {where} ({type(e).__name__}: {str(e)[:300]}). If it is '
+        'damaged, move that step directory out of checkpoints/ to resume from an earlier step; '
+        'if the config changed, use a new --workdir. Nothing was modified.') from None
+  state = abstract_state.replace(
+      step=r['opt']['step'], params=r['params'], opt_state=r['opt']['opt_state'],
+      rng=r['opt']['rng'], ema_params=r['ema_params'] if 'ema_params' in items else None)
+  return state, r['data']
+
+
+def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
+  """The step directory to read weights from, for a workdir or its checkpoints/ dir."""
+  ckpt_dir = os.path.join(path, CHECKPOINTS_DIR)
+  if not os.path.isdir(ckpt_dir):
+    ckpt_dir = path
+  mngr = manager(os.path.dirname(ckpt_dir.rstrip('/')), read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f'{path} holds no model dir ({MODEL_FILE}) and no training checkpoints.')
+  if step is None:
+    step = mngr.best_step() if best else mngr.latest_step()
+    if step is None:
+      raise CheckpointError(f'{path}: no checkpoint has eval metrics, so there is no best one; '
+                            'load the latest instead.')
+  elif step not in steps:
+    raise CheckpointError(f'{path} has no checkpoint at step {step}; it has steps {steps}.')
+  return os.path.join(ckpt_dir, str(step)), step
+
+
+def read_step_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
+  """A training checkpoint's model metadata (as in model.json), plus its `step`."""
+  step_dir, step = _step_dir(path, step, best)
+  try:
+    with open(os.path.join(step_dir, 'model', 'metadata')) as f:
+      meta = json.load(f)
+    model_lib.HVT(**meta['model']).tokens_per_block()
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{step_dir}: the model config is missing or corrupt ({e}).') from None
+  return {**meta, 'step': step}
+
+
+def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = False,
+         sharding=None):
+  """`(model, params)` for `model.apply({'params': params}, images)`, from any saved form.
+
+  `path` is a model dir (converted or exported), a training workdir, or its
+  `checkpoints/` dir. For training checkpoints: the latest step, or `step`, or
+  the best by eval top-1 with `best=True`; the EMA weights with `ema=True`. The
+  optimizer state is never read. `sharding` places the weights: None for the
+  default device, 'cpu' for host memory, a Sharding for every array, or a tree
+  of Shardings matching the parameters; the device count that saved them does
+  not matter.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such model dir or workdir.')
+  if os.path.exists(os.path.join(path, MODEL_FILE)):
+    if step is not None or best or ema:
+      raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
+                            'apply to training workdirs only.')
+    return load_model_dir(path, sharding)
+  meta = read_step_meta(path, step=step, best=best)
+  step_dir, _ = _step_dir(path, meta['step'], False)
+  item = 'ema_params' if ema else 'params'
+  if not os.path.isdir(os.path.join(step_dir, item)):
+    raise CheckpointError(f'{step_dir} has no {item} (was EMA off in that run?).')
+  model = model_lib.HVT(**meta['model'])
+  return model, _checked_params(model, restore_tree(os.path.join(step_dir, item), sharding), step_dir)

@@ -5,7 +5,7 @@ import logging as py_logging
 import sys
 from typing import Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from hvt_jax.errors import UserError
 
@@ -24,6 +24,30 @@ def quiet_libraries() -> None:
   py_logging.getLogger('absl').addFilter(_DropLibraryChatter())
 
 
+def flag_error_line(e: flags.Error) -> str:
+  """A flag error on one line; for a config file that raised, just the flag and its exception."""
+  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    flag = lines[0].split(': Error whilst parsing config file')[0]
+    exception = lines[-1].split(': ', 1)[-1]  # drop the exception's class path
+    return f'{flag}: {exception}'
+  if lines and lines[0].startswith('Failed loading config file'):
+    return f'cannot load the config file: {lines[-1]}'
+  return ' '.join(lines)
+
+
+def config(name: str = 'config'):
+  """The value of a config_flags flag; a config file that cannot be loaded is a UserError."""
+  value = getattr(flags.FLAGS, name)
+  try:
+    if value is not None:
+      value.keys()  # a config that failed to load raises on first use, not on access
+    return value
+  except OSError as e:  # config_flags loads the file lazily and reports failures as OSError
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise UserError(f'cannot load --{name}: {lines[-1] if lines else e}') from None
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` that ends on a `UserError` with the line `<tool>: error: <message>`.
 
@@ -37,5 +61,18 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except UserError as e:
       sys.exit(f'{tool}: error: {e}')
+    except flags.Error as e:  # config_flags loads a config file when it is first read
+      sys.exit(f'{tool}: error: {flag_error_line(e)}')
 
-  app.run(wrapped)
+  def parse_flags(argv):
+    # Flag and config-file mistakes would otherwise surface as multi-line tracebacks.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      sys.exit(f'{tool}: error: {flag_error_line(e)}')
+    except (AttributeError, KeyError) as e:  # config_flags: an override names no existing key
+      overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+      sys.exit(f'{tool}: error: no config key {str(e).strip(chr(34))} (in {", ".join(overrides)}); '
+               'the config file lists the valid keys.')
+
+  app.run(wrapped, flags_parser=parse_flags)

@@ -15,7 +15,7 @@ import re
 from absl import flags
 import numpy as np
 
-from hvt_jax import checkpoint, cli, pth_reader
+from hvt_jax import checkpoint, cli, defaults, pth_reader
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
@@ -123,7 +123,10 @@ def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
   config = infer_config(sd)
   model = model_lib.HVT(**config)
   params = to_flax(sd, config)
-  return checkpoint.save_model(output, model, params, source=f'converted from {pytorch_path}')
+  # The official models were evaluated with the recipe's ImageNet transform.
+  preprocess = defaults.eval_preprocess(defaults.train_config().aug)
+  return checkpoint.save_model(output, model, params, source=f'converted from {pytorch_path}',
+                               preprocess=preprocess)
 
 
 FLAGS = flags.FLAGS

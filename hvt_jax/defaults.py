@@ -32,6 +32,7 @@ def train_config() -> ml_collections.ConfigDict:
       shuffle_buffer=25_000,  # examples per process, shuffled before decoding
       cache=False,  # keep the encoded dataset in memory (small datasets)
       prefetch=2,  # batches placed on the devices ahead of the train step
+      threads=0,  # tf.data worker threads per process; 0: TensorFlow's default (all cores)
   )
   c.aug = dict(
       crop_scale=(0.08, 1.0),  # random-resized-crop area range
@@ -78,6 +79,40 @@ def train_config() -> ml_collections.ConfigDict:
   c.init_from = ''  # a model dir (converted or exported) to start from
   c.eval_only = False
   return c
+
+
+def eval_preprocess(aug) -> dict[str, Any]:
+  """The eval transform's settings, saved with a model so predictions use the same ones."""
+  return dict(crop_pct=float(aug.eval_crop_pct), interpolation=str(aug.interpolation),
+              mean=[float(m) for m in aug.mean], std=[float(s) for s in aug.std])
+
+
+# Per dataset: class count and the split to evaluate on. Other TFDS datasets work too, by
+# setting data.name, data.eval_split and model.num_classes directly.
+DATASETS = {
+    'imagenet2012': dict(num_classes=1000, eval_split='validation'),
+    'cifar100': dict(num_classes=100, eval_split='test'),
+    'hvt_digits': dict(num_classes=10, eval_split='test'),
+}
+
+
+def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name not in DATASETS:
+    raise UserError(f'data={name!r}: choose one of {", ".join(DATASETS)} (or set '
+                    '--config.data.name, data.eval_split and model.num_classes for another).')
+  config.data.name = name
+  config.data.eval_split = DATASETS[name]['eval_split']
+  config.model.num_classes = DATASETS[name]['num_classes']
+  return config
+
+
+def use_recipe(config: ml_collections.ConfigDict, recipe: str) -> ml_collections.ConfigDict:
+  """'paper': the defaults above. 'plain': same schedule, crop + flip + label smoothing only."""
+  if recipe == 'plain':
+    config.aug.update(randaugment='', random_erase=0.0, repeated_aug=1, mixup=0.0, cutmix=0.0)
+  elif recipe != 'paper':
+    raise UserError(f'recipe={recipe!r}: choose paper or plain.')
+  return config
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

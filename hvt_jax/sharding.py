@@ -33,7 +33,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> jax.sharding.Mes
   if int(np.prod(sizes)) != len(devices):
     raise MeshError(f'mesh {tuple(axes)} needs {int(np.prod(sizes))} devices but there are '
                     f'{len(devices)}; use -1 for one axis to take the rest.')
-  return jax.make_mesh(sizes, names, devices=devices)
+  # Auto axes: XLA propagates shardings from the inputs (GSPMD), so model code needs no
+  # sharding annotations; jax.make_mesh would otherwise default to Explicit axes.
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
 
 
 def batch_spec(mesh: jax.sharding.Mesh) -> jax.P:

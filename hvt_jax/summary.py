@@ -94,8 +94,9 @@ config_flags.DEFINE_config_file('config', None, 'training config; summarizes its
 
 def main(argv):
   del argv
-  if FLAGS.config is not None:
-    models = [('config', model_lib.create(dict(FLAGS.config.model)))]
+  config = cli.config()
+  if config is not None:
+    models = [('config', model_lib.create(dict(config.model)))]
   else:
     models = [(name, model_lib.create(name)) for name in FLAGS.model]
   print(format_table([describe(name, m, FLAGS.xla) for name, m in models]))

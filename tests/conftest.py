@@ -15,6 +15,20 @@ TINY = dict(image_size=32, patch_size=4, num_heads=2, head_dim=8, depth=4, pool_
             num_classes=5)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def data_and_compile_cache(tmp_path_factory):
+  """TFDS datasets built per test worker; compiled XLA programs shared by all test processes.
+
+  Subprocesses (the CLIs under test) inherit both through the environment.
+  """
+  data = tmp_path_factory.mktemp('tfds')
+  os.environ['TFDS_DATA_DIR'] = str(data)
+  cache = tmp_path_factory.getbasetemp().parent / 'xla_cache'
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache))
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  yield data
+
+
 @pytest.fixture
 def official_fixture():
   pth = FIXTURES / 'hvt_ti_1_official_layout.pth'

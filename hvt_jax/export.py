@@ -1,0 +1,42 @@
+"""Write a small params-only model dir from a training workdir.
+
+  python -m hvt_jax.export --workdir=/tmp/hvt_demo --output=/tmp/hvt_demo_model --ema
+
+Takes the latest checkpoint (or `--step`, or `--best` by eval top-1), the raw or
+the EMA weights, and leaves the optimizer state behind; `hvt_jax.load(output)`
+and `python -m hvt_jax.predict --model=output` read the result.
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from hvt_jax import checkpoint, cli
+from hvt_jax import model as model_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'training workdir to export from')
+flags.DEFINE_string('output', None, 'new directory for the model')
+flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw ones')
+flags.DEFINE_bool('best', False, 'the checkpoint with the best eval top-1 instead of the latest')
+flags.DEFINE_integer('step', None, 'a specific saved step')
+flags.mark_flags_as_required(['workdir', 'output'])
+
+
+def export(workdir: str, output: str, *, ema: bool = False, best: bool = False,
+           step: int | None = None) -> str:
+  model, params = checkpoint.load(workdir, step=step, best=best, ema=ema, sharding='cpu')
+  meta = checkpoint.read_step_meta(workdir, step=step, best=best)
+  which = f'{"EMA" if ema else "raw"} weights of step {meta.pop("step")}'
+  return checkpoint.save_model(output, model, params, **meta, source=f'exported {which} of {workdir}')
+
+
+def main(argv):
+  del argv
+  out = export(FLAGS.workdir, FLAGS.output, ema=FLAGS.ema, best=FLAGS.best, step=FLAGS.step)
+  model, params = checkpoint.load(out, sharding='cpu')
+  print(f'wrote {out}: {model_lib.param_count(params):,} parameters '
+        f'({checkpoint.read_model_json(out)["source"]})')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,341 @@
+"""Train and eval input: TFDS records -> tf.data -> global jax arrays on the mesh.
+
+Each process reads its own even share of a split (`tfds.even_splits`, what
+`tfds.split_for_jax_process` does), keeps the images encoded through shuffling and skipping,
+and decodes only the crop it keeps (`preprocess.train_image` on the JPEG bytes).
+
+Train order is a pure function of (config.seed, process index, epoch): every epoch gets its own
+file order and shuffle seed, and example i of epoch e its own augmentation seed. So the stream
+can start at any epoch without replaying earlier ones, and a saved position (`.state`) resumes
+with exactly the batches the original run would have produced next.
+
+The train stream is one endless sequence of epochs, cut into batches regardless of epoch ends:
+no example is dropped, and a batch may hold the end of one epoch and the start of the next.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from hvt_jax import datasets, preprocess, sharding
+from hvt_jax.errors import UserError
+
+try:  # tf.data only needs the CPU; keep TensorFlow off the accelerators JAX uses
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TensorFlow already initialized its devices; too late, harmless on CPU
+  pass
+
+_MAX_EPOCHS = 2 ** 40  # the train stream is endless in practice
+_READ_PARALLELISM = 16  # files read at once: enough to hide storage latency
+# Tags that make the random streams drawn from one (seed, process, epoch) key independent.
+_FILE_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
+
+
+class InputError(UserError):
+  """A batch size or setting the input pipeline cannot use; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One process's share of a split: its size and how to read it once.
+
+  `read(order_key)` returns the records as {'image': encoded bytes, 'label': int64}; with an
+  `order_key` (shape (2,) int64) the files come in an order drawn from it.
+  """
+  num_examples: int
+  read: Callable[[tf.Tensor | None], tf.data.Dataset]
+
+
+def process_split(split: str, process_index: int, process_count: int):
+  """The `process_index`-th of `process_count` disjoint, near-equal parts covering `split`."""
+  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+
+def tfds_source(b: tfds.core.DatasetBuilder, split, *, cache: bool = False) -> Source:
+  """Reads (part of) a prepared TFDS split's TFRecord files, images left encoded."""
+  if b.info.file_format != tfds.core.FileFormat.TFRECORD:
+    raise InputError(f'{b.name} in {b.data_dir} is stored as {b.info.file_format.value}; '
+                     'prepare it again with the default (tfrecord) file format.')
+  instructions = [fi for fi in b.info.splits[split].file_instructions if fi.take > 0]
+  num_examples = sum(fi.take for fi in instructions)
+  if not instructions:  # more processes than examples: this one reads nothing (eval pads)
+    return memory_source(np.array([], dtype=object), np.array([], np.int64))
+  files = tf.constant([fi.filename for fi in instructions])
+  skips = tf.constant([fi.skip for fi in instructions], tf.int64)
+  takes = tf.constant([fi.take for fi in instructions], tf.int64)
+  decoders = {'image': tfds.decode.SkipDecoding()}
+
+  def parse(serialized):
+    example = b.info.features.deserialize_example(serialized, decoders=decoders)
+    return {'image': example['image'], 'label': example['label']}
+
+  def read_files(order_key):
+    order = tf.range(len(instructions))
+    if order_key is not None:
+      order = tf.random.experimental.stateless_shuffle(order, seed=order_key, alg='philox')
+    parts = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+    return parts.interleave(
+        lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+        cycle_length=min(len(instructions), _READ_PARALLELISM), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  if cache:
+    # Small datasets: read the encoded records once into memory; the shuffle buffer, not the
+    # file order, then provides all the randomness.
+    records = np.array(list(read_files(None).as_numpy_iterator()), dtype=object)
+    in_memory = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string))
+    return Source(num_examples, lambda order_key: in_memory.map(parse))
+  return Source(num_examples, lambda order_key: read_files(order_key).map(parse))
+
+
+def memory_source(images: np.ndarray, labels: np.ndarray) -> Source:
+  """Encoded images held in memory (benchmarks, tests)."""
+  ds = tf.data.Dataset.from_tensor_slices(
+      {'image': tf.constant(images, tf.string), 'label': tf.constant(labels, tf.int64)})
+  return Source(len(labels), lambda order_key: ds)
+
+
+def _key(*parts) -> tf.Tensor:
+  """A stateless-RNG seed folded from integers (Python or tensors), in order."""
+  key = tf.constant([0, 0], tf.int64)
+  for part in parts:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(part, tf.int64), alg='philox')
+  return key
+
+
+def _epoch_records(source: Source, *, seed: int, process_index: int, shuffle_buffer: int,
+                   repeats: int, window: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+  """epoch -> that epoch's `num_examples` records as (epoch, position, record), shuffled.
+
+  With `repeats` = k > 1 (repeated augmentation, DeiT's RASampler) the epoch takes the first
+  ceil(n / k) shuffled images and emits each k times: a window of `window` images, then the
+  same window again, k times. Copies thus sit `window` positions apart (other devices or other
+  batches), each gets its own position and so its own augmentation seed, and the epoch still
+  has n records.
+  """
+  n = source.num_examples
+
+  def records(epoch):
+    ds = source.read(_key(seed, process_index, epoch, _FILE_ORDER))
+    shuffle_seed = _key(seed, process_index, epoch, _SHUFFLE)[0]
+    ds = ds.shuffle(min(shuffle_buffer, n), seed=shuffle_seed, reshuffle_each_iteration=False)
+    if repeats > 1:
+      ds = ds.take(math.ceil(n / repeats)).batch(window).flat_map(
+          lambda w: tf.data.Dataset.from_tensor_slices(w).repeat(repeats)).take(n)
+    return ds.enumerate().map(lambda i, rec: (epoch, i, rec))
+
+  return records
+
+
+def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_index: int,
+                  local_batch: int, start: int = 0) -> tf.data.Dataset:
+  """Endless local batches {'image': float32 (b, S, S, 3), 'label': int32 (b,)}.
+
+  `start`: how many examples of this process's stream to leave out, e.g. after resuming.
+  They are skipped as encoded records, only within their epoch.
+  """
+  n = source.num_examples
+  if n == 0:
+    raise InputError(f'this process got no training examples of {config.data.name}: use a '
+                     'larger split or fewer processes.')
+  repeats = max(1, int(config.aug.get('repeated_aug', 1)))
+  epoch_records = _epoch_records(
+      source, seed=config.seed, process_index=process_index,
+      shuffle_buffer=config.data.shuffle_buffer, repeats=repeats,
+      window=max(1, local_batch // repeats))
+  size = config.model.image_size
+
+  def augment(epoch, position, record):
+    key = _key(config.seed, process_index, epoch, _AUGMENT, position)
+    image = preprocess.train_image(record['image'], key, size=size, aug=config.aug)
+    return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+
+  ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
+  ds = ds.skip(start % n)
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
+                 local_batch: int) -> tf.data.Dataset:
+  """One pass of local batches {'image', 'label'}; the last one may be short."""
+  aug = config.aug
+
+  def prepare(record):
+    image = preprocess.eval_image(
+        record['image'], size=config.model.image_size, crop_pct=aug.eval_crop_pct,
+        interpolation=aug.interpolation, mean=tuple(aug.mean), std=tuple(aug.std))
+    return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+
+  ds = source.read(None)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(local_batch).with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
+
+
+def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # order must not depend on thread timing (resume, seeds)
+  options.threading.max_intra_op_parallelism = 1  # parallelism comes from parallel map
+  threads = int(config.data.get('threads', 0))
+  if threads > 0:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise InputError(f'process_index {index} is not in [0, {count}).')
+  return index, count
+
+
+def local_batch_size(batch_size: int, mesh: jax.sharding.Mesh, process_count: int,
+                     name: str = 'batch_size') -> int:
+  """The rows one process feeds, checked against processes and local devices."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise InputError(f'{name}={batch_size} does not split evenly over {process_count} '
+                     f'processes: set --config.{name} to a multiple of {process_count}.')
+  local = batch_size // process_count
+  devices = len(mesh.local_devices)
+  if local % devices:
+    raise InputError(f'{name}={batch_size} gives {local} per process, which its {devices} '
+                     f'devices cannot split evenly: set --config.{name} to a multiple of '
+                     f'{process_count * devices}.')
+  return local
+
+
+def _put(batch: dict[str, np.ndarray], sharding_: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Process-local rows -> global arrays; the global batch is every process's rows stacked."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding_, v, (v.shape[0] * jax.process_count(),) + v.shape[1:]) for k, v in batch.items()}
+
+
+class TrainIterator:
+  """Endless global train batches; `.state` is this process's position, JSON-serializable."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], sharding_: jax.sharding.Sharding,
+               *, prefetch: int, step: int, info: dict[str, Any]):
+    self._batches = batches
+    self._sharding = sharding_
+    self._prefetch = max(1, prefetch)
+    self._queue: collections.deque = collections.deque()
+    self._step = step
+    self._info = info
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    # Device transfers are asynchronous: keep `prefetch` batches in flight ahead of the step.
+    while len(self._queue) < self._prefetch:
+      self._queue.append(_put(next(self._batches), self._sharding))
+    self._step += 1
+    return self._queue.popleft()
+
+  @property
+  def state(self) -> dict[str, int]:
+    """Batches handed out so far, plus what they are counted in (checked on resume)."""
+    examples = self._step * self._info['local_batch']
+    return {'step': self._step, 'epoch': examples // self._info['num_examples'],
+            'batch_size': self._info['batch_size'], 'process_count': self._info['process_count'],
+            'seed': self._info['seed']}
+
+
+def _resume_step(state: dict[str, Any] | None, config: ml_collections.ConfigDict,
+                 process_count: int) -> tuple[int, int]:
+  """(step, examples of this process's stream already used) for a saved `.state`."""
+  if not state:
+    return 0, 0
+  step = int(state['step'])
+  saved = (state.get('batch_size', config.batch_size), state.get('process_count', process_count),
+           state.get('seed', config.seed))
+  if saved != (config.batch_size, process_count, config.seed):
+    logging.warning('Input position saved with (batch_size, processes, seed) = %s, now %s: '
+                    'continuing at the same point of the data, but not with identical batches.',
+                    saved, (config.batch_size, process_count, config.seed))
+  return step, step * (saved[0] // saved[1])
+
+
+def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   state: dict[str, Any] | None = None, *, process_index: int | None = None,
+                   process_count: int | None = None) -> TrainIterator:
+  """Endless {'image': float32 (B, S, S, 3), 'label': int32 (B,)} global batches.
+
+  `state`: a `.state` saved from an earlier iterator, to continue exactly where it stopped.
+  `process_index` / `process_count` override JAX's, to act as one of several processes (tests,
+  tools); the arrays then hold just that process's rows.
+  """
+  index, count = _processes(process_index, process_count)
+  local_batch = local_batch_size(config.batch_size, mesh, count)
+  b = datasets.ensure_prepared(config)
+  datasets.check_split(b, config.data.train_split, 'data.train_split')
+  source = tfds_source(b, process_split(config.data.train_split, index, count),
+                       cache=config.data.cache)
+  step, start = _resume_step(state, config, count)
+  ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start)
+  info = dict(local_batch=local_batch, num_examples=source.num_examples,
+              batch_size=config.batch_size, process_count=count, seed=config.seed)
+  return TrainIterator(ds.as_numpy_iterator(), sharding.batch_sharding(mesh),
+                       prefetch=config.data.prefetch, step=step, info=info)
+
+
+class EvalIterator:
+  """Re-iterable: each pass yields {'image', 'label', 'mask'} global batches over the split.
+
+  Every process yields the same number of batches (`len(self)`): its share, then padding rows
+  (mask 0) up to what the largest share needs, so a multi-process eval never waits forever.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, sharding_: jax.sharding.Sharding, *,
+               local_batch: int, num_batches: int, num_examples: int):
+    self._dataset = dataset
+    self._sharding = sharding_
+    self._local_batch = local_batch
+    self._num_batches = num_batches
+    self.num_examples = num_examples  # in the whole split, over all processes
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    rows = self._local_batch
+    batches = self._dataset.as_numpy_iterator()
+    for _ in range(self._num_batches):
+      batch = next(batches, None)
+      have = 0 if batch is None else len(batch['label'])
+      if batch is None:
+        batch = {'image': np.zeros((0,) + self._dataset.element_spec['image'].shape[1:],
+                                   np.float32), 'label': np.zeros((0,), np.int32)}
+      pad = rows - have
+      yield _put({'image': np.pad(batch['image'], [(0, pad)] + [(0, 0)] * 3),
+                  'label': np.pad(batch['label'], (0, pad)),
+                  'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
+
+
+def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> EvalIterator:
+  """Every example of `config.data.eval_split` exactly once per pass, over all processes."""
+  index, count = _processes(process_index, process_count)
+  local_batch = local_batch_size(config.eval_batch_size, mesh, count, 'eval_batch_size')
+  b = datasets.ensure_prepared(config)
+  total = datasets.check_split(b, config.data.eval_split, 'data.eval_split')
+  source = tfds_source(b, process_split(config.data.eval_split, index, count),
+                       cache=config.data.cache)
+  # even_splits gives the first (total % count) processes one extra example.
+  num_batches = math.ceil(math.ceil(total / count) / local_batch)
+  ds = eval_dataset(source, config, local_batch=local_batch)
+  return EvalIterator(ds, sharding.batch_sharding(mesh), local_batch=local_batch,
+                      num_batches=num_batches, num_examples=total)

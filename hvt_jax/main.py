@@ -1,0 +1,58 @@
+"""Train or evaluate HVT: `python -m hvt_jax.main --config=configs/hvt_s.py --workdir=DIR`.
+
+  # the offline demo, a few minutes on a laptop CPU
+  python -m hvt_jax.main --config=configs/demo.py --workdir=/tmp/hvt_demo
+  # a published variant on ImageNet; any key can be overridden
+  python -m hvt_jax.main --config=configs/hvt_s.py:stages=2 --config.batch_size=512 --workdir=...
+  # multi-host with explicit addresses (TPU VMs and SLURM need only --distributed)
+  python -m hvt_jax.main ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
+Rerunning the same command resumes from the workdir's latest checkpoint.
+"""
+from __future__ import annotations
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from hvt_jax import cli, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'config file, optionally with :args', lock_config=True)
+flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and curves go (resumes if present)')
+flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with the cluster '
+                  'auto-detected (TPU VMs, SLURM, ...)')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-host')
+flags.DEFINE_integer('num_processes', None, 'number of processes, for explicit multi-host')
+flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1, for explicit multi-host')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def init_distributed() -> None:
+  """Joins JAX's own multi-process runtime when asked to; a single process needs nothing."""
+  explicit = FLAGS.coordinator_address is not None
+  if not (explicit or FLAGS.distributed):
+    return
+  if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
+    raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+  # CPU processes exchange collectives through gloo; GPU and TPU use their own transports.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = cli.config()
+  init_distributed()
+  logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  cli.run(main)

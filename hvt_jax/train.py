@@ -1,0 +1,269 @@
+"""The training loop: resume or start, train, evaluate raw and EMA weights, checkpoint, report.
+
+`train_and_evaluate(config, workdir)` is what `python -m hvt_jax.main` runs. A
+rerun of the same command in the same workdir resumes from the latest
+checkpoint (model, optimizer, EMA, step, rng and each process's input position)
+and ends with the parameters an uninterrupted run would have had.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from hvt_jax import checkpoint, curves, datasets, defaults, input_pipeline, optim, sharding
+from hvt_jax import train_step
+from hvt_jax import model as model_lib
+from hvt_jax.errors import UserError
+
+CONFIG_FILE = 'config.json'
+# Settings a resumed run must share with the run that saved the checkpoints.
+_MUST_MATCH = ('model', 'batch_size', 'seed', 'num_epochs', 'data.name', 'optim', 'aug', 'ema_decay')
+
+
+class TrainError(UserError):
+  pass
+
+
+def _lookup(config: dict, dotted: str):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the run's config once; later runs in the same workdir must match it."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [k for k in _MUST_MATCH if _lookup(saved, k) != _lookup(current, k)]
+    if changed:
+      raise TrainError(f'{workdir} holds a run with different {", ".join(changed)}; resume it with '
+                       f'its own config ({path}) or pass a new --workdir.')
+  elif jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(current, f, indent=2)
+
+
+def all_process_states(local_state, size: int = 4096) -> list:
+  """Every process's input position, gathered so that process 0 can save them all."""
+  if jax.process_count() == 1:
+    return [local_state]
+  blob = json.dumps(local_state).encode()
+  if len(blob) > size:
+    raise TrainError(f'input position of {len(blob)} bytes exceeds {size}.')
+  buf = np.zeros(size, np.uint8)
+  buf[:len(blob)] = np.frombuffer(blob, np.uint8)
+  rows = multihost_utils.process_allgather(buf)
+  return [json.loads(bytes(row).rstrip(b'\0')) for row in np.asarray(rows)]
+
+
+def evaluate(eval_step, state: train_step.TrainState, eval_batches) -> dict[str, float]:
+  """Top-1/top-5 (%) and loss over the whole eval split, for the raw and the EMA weights."""
+  results = {}
+  for prefix, params in (('eval', state.params), ('eval_ema', state.ema_params)):
+    if params is None:
+      continue
+    sums = None
+    for batch in eval_batches:
+      out = eval_step(params, batch)
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    s = jax.device_get(sums)
+    count = float(s['count'])
+    results.update({f'{prefix}/top1': 100 * float(s['top1']) / count,
+                    f'{prefix}/top5': 100 * float(s['top5']) / count,
+                    f'{prefix}/loss': float(s['loss']) / count,
+                    f'{prefix}/examples': count})
+  return results
+
+
+def _stop_on_sigterm() -> threading.Event:
+  """Set on SIGTERM (preemption): the loop saves a checkpoint and exits cleanly."""
+  stop = threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+  return stop
+
+
+def _start_from(state, init_from: str, shardings):
+  """Weights of a model dir or workdir as the starting point (fine-tuning): a head of
+  another class count is left freshly initialized; any other mismatch is an error."""
+  _, params = checkpoint.load(init_from, sharding=shardings.params)
+  new = dict(state.params)
+  for name, value in params.items():
+    target = new.get(name)
+    shapes = jax.tree.map(lambda a: a.shape, (value, target))
+    if target is None or shapes[0] != shapes[1]:
+      if name == 'head':
+        logging.warning('init_from: head shapes differ (new class count); head stays fresh.')
+        continue
+      raise TrainError(f'init_from {init_from}: {name} does not fit this model '
+                       f'({shapes[0]} vs {shapes[1]}); use weights of the same architecture.')
+    new[name] = value
+  ema = new if state.ema_params is not None else None
+  return state.replace(params=new, ema_params=ema)
+
+
+def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT) -> dict:
+  """What travels with the weights: the model, its eval transform and its class names."""
+  names = datasets.builder(config).info.features['label'].names
+  if config.data.name == 'imagenet2012':
+    names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
+  return {'model': model.config(), 'preprocess': defaults.eval_preprocess(config.aug),
+          'class_names': names, 'dataset': config.data.name}
+
+
+def _writer(workdir: str):
+  primary = jax.process_index() == 0
+  writers = [metric_writers.create_default_writer(workdir, just_logging=not primary)]
+  if primary:
+    writers.append(curves.JsonlWriter(workdir))
+  return metric_writers.MultiWriter(writers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What the loop needs, decided once from the config."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+  meta: dict  # saved with every checkpoint: model config, eval transform, class names
+  train_step: Callable
+  eval_step: Callable
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+  model = model_lib.HVT(**config.model)
+  model.tokens_per_block()  # impossible model settings fail here, in words
+  mesh = sharding.make_mesh(config.mesh)
+  num_train, _, _ = datasets.dataset_info(config)
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise TrainError(f'batch_size {config.batch_size} exceeds the {num_train} training examples; '
+                     'lower --config.batch_size.')
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+
+  schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
+  tx = optim.make(config.optim, schedule)
+  make_state = functools.partial(train_step.init_state, model, tx, ema=config.ema_decay > 0)
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(make_state, rng)
+  shardings = train_step.state_shardings(abstract, mesh)
+  p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+  run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
+            config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
+            model_meta(config, model), p_train, p_eval)
+
+  os.makedirs(workdir, exist_ok=True)
+  check_or_write_config(workdir, config)
+  # Closing waits for pending async saves; an unclosed manager breaks interpreter exit.
+  with contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
+       contextlib.closing(_writer(workdir)) as writer:
+    latest = mngr.latest_step()
+    data_state = None
+    if latest is not None:
+      state, data_states = checkpoint.restore_train(mngr, latest, abstract, shardings)
+      if len(data_states) == jax.process_count():
+        data_state = data_states[jax.process_index()]
+      else:
+        logging.warning('checkpoint saved by %d processes, now %d: the input restarts its order.',
+                        len(data_states), jax.process_count())
+      logging.info('Resumed %s from step %d.', workdir, latest)
+    else:
+      state = jax.jit(make_state, out_shardings=shardings)(rng)
+      if config.init_from:
+        state = _start_from(state, config.init_from, shardings)
+    if config.eval_only:
+      if latest is None and not config.init_from:
+        raise TrainError(f'eval_only: {workdir} has no checkpoint; pass '
+                         '--config.init_from=MODEL_DIR.')
+      return _eval_only(run, state, writer)
+    return _train(run, state, data_state, mngr, writer)
+
+
+def _eval_only(run: Run, state, writer) -> train_step.TrainState:
+  results = evaluate(run.eval_step, state, input_pipeline.eval_iterator(run.config, run.mesh))
+  step = int(state.step)
+  writer.write_scalars(step, results)
+  if jax.process_index() == 0:
+    with open(os.path.join(run.workdir, 'eval_results.json'), 'w') as f:
+      json.dump({'step': step, **results}, f, indent=2)
+  logging.info('Eval at step %d: %s', step, results)
+  return state
+
+
+def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
+  config, step = run.config, int(state.step)
+  if step == 0:
+    writer.write_hparams(dict(_flatten(json.loads(config.to_json_best_effort()))))
+  logging.info('Training %s for %d steps (%d per epoch) on %d devices, mesh %s.', run.workdir,
+               run.total_steps, run.steps_per_epoch, jax.device_count(), dict(run.mesh.shape))
+  train_batches = input_pipeline.train_iterator(config, run.mesh, state=data_state)
+  eval_batches = input_pipeline.eval_iterator(config, run.mesh)
+  report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  stop = _stop_on_sigterm()
+  pending, t0, step0 = [], time.time(), step
+  while step < run.total_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = run.train_step(state, next(train_batches))
+    step += 1
+    pending.append(metrics)
+    report(step)
+    last = step == run.total_steps
+    if step % config.log_every_steps == 0 or last:
+      averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+      if not np.isfinite(averaged['loss']):
+        raise TrainError(f'the loss became {averaged["loss"]} by step {step}; lower '
+                         '--config.optim.lr or enable --config.optim.grad_clip, and resume.')
+      averaged['images_per_sec_per_device'] = (
+          (step - step0) * config.batch_size / (time.time() - t0) / jax.device_count())
+      averaged['epoch'] = step / run.steps_per_epoch
+      writer.write_scalars(step, {f'train/{k}': v for k, v in averaged.items()})
+      pending, t0, step0 = [], time.time(), step
+    eval_metrics = None
+    if step % run.eval_every == 0 or last:
+      results = evaluate(run.eval_step, state, eval_batches)
+      writer.write_scalars(step, results)
+      eval_metrics = {checkpoint.BEST_METRIC: results['eval/top1']}
+    preempted = stop.is_set() or mngr.reached_preemption(step)
+    if eval_metrics or preempted or last or step % config.checkpoint_every_steps == 0:
+      checkpoint.save_train(mngr, state, run.meta, all_process_states(train_batches.state),
+                            eval_metrics)
+    if preempted:
+      logging.warning('Stopped at step %d (SIGTERM/preemption) after saving; rerun the same '
+                      'command to resume.', step)
+      break
+  mngr.wait_until_finished()
+  writer.flush()
+  if jax.process_index() == 0:
+    logging.info('Curves: %s', curves.plot(run.workdir))
+  return state
+
+
+def _flatten(d: dict, prefix: str = ''):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -1,0 +1,278 @@
+"""The train/eval input on a real (tiny, fake) ImageNet prepared by TFDS's own builder.
+
+Each fake image is a flat colour spelling its example id (`fake_imagenet`), so with colour
+changing augmentations off the tests can tell exactly which examples a batch holds.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import fake_imagenet
+from hvt_jax import datasets, defaults, input_pipeline, sharding
+
+SIZE = 16
+
+
+@pytest.fixture(scope='module')
+def imagenet(tmp_path_factory):
+  """(data_dir, expected ids -> labels): 48 train images in 3 files, 29 validation images."""
+  root = tmp_path_factory.mktemp('imagenet')
+  manual = str(root / 'manual')
+  expected = fake_imagenet.write(manual, per_class=12, num_val=29)
+  b = tfds.builder('imagenet2012', data_dir=str(root / 'tfds'))
+  # Several files per split, so sub-splits and the per-epoch file order are exercised.
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual, num_shards=3))
+  return str(root / 'tfds'), expected
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return sharding.make_mesh((('data', -1),))
+
+
+def make_config(data_dir, **aug):
+  c = defaults.train_config()
+  c.data.update(name='imagenet2012', data_dir=data_dir, shuffle_buffer=16)
+  c.model.image_size = SIZE
+  c.model.num_classes = 1000
+  # Colour-preserving augmentation only, so ids can be read back from the pixels.
+  c.aug.update(**{'randaugment': '', 'random_erase': 0.0, 'repeated_aug': 1, **aug})
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  return c
+
+
+def take(iterator, n):
+  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
+
+
+def ids_of(batches, config):
+  return np.concatenate([fake_imagenet.decode_ids(b['image'], config.aug.mean, config.aug.std)
+                         for b in batches])
+
+
+def test_prepared_sizes(imagenet):
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  assert datasets.dataset_info(config) == (48, 29, 1000)
+  assert tfds.builder('imagenet2012', data_dir=data_dir).info.splits['train'].num_shards == 3
+
+
+def test_full_recipe_batches(imagenet, mesh):
+  config = make_config(imagenet[0])
+  config.aug.update(randaugment='rand-m9-mstd0.5-inc1', random_erase=0.25, repeated_aug=3)
+  batch = next(input_pipeline.train_iterator(config, mesh))
+  assert batch['image'].shape == (8, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+  assert batch['image'].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
+  assert np.all(np.isfinite(batch['image']))
+  assert set(np.asarray(batch['label'])) <= set(imagenet[1]['train'].values())
+
+
+def test_values_ids_and_labels(imagenet, mesh):
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  batches = take(input_pipeline.train_iterator(config, mesh), 6)  # 48 = one epoch
+  mean, std = np.array(config.aug.mean), np.array(config.aug.std)
+  images = np.stack([b['image'] for b in batches])
+  assert images.min() >= (-mean / std).min() - 1e-5
+  assert images.max() <= ((1 - mean) / std).max() + 1e-5
+  ids = ids_of(batches, config)
+  assert sorted(ids) == sorted(expected['train'])  # one epoch: each image exactly once
+  labels = np.concatenate([b['label'] for b in batches])
+  assert [expected['train'][i] for i in ids] == list(labels)
+
+
+def test_deterministic_for_a_seed(imagenet, mesh):
+  config = make_config(imagenet[0])
+  first = take(input_pipeline.train_iterator(config, mesh), 8)
+  again = take(input_pipeline.train_iterator(config, mesh), 8)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  config.seed = 1
+  other = take(input_pipeline.train_iterator(config, mesh), 8)
+  assert not np.array_equal(ids_of(first, config), ids_of(other, config))
+  # Epochs differ in order too.
+  assert not np.array_equal(ids_of(first[:6], config), ids_of(take(
+      input_pipeline.train_iterator(config, mesh, state={'step': 6}), 6), config))
+
+
+def test_augmentation_does_not_depend_on_thread_count(imagenet, mesh):
+  config = make_config(imagenet[0], random_erase=0.5)
+  config.data.threads = 1
+  one = take(input_pipeline.train_iterator(config, mesh), 2)
+  config.data.threads = 3
+  three = take(input_pipeline.train_iterator(config, mesh), 2)
+  for a, b in zip(one, three):
+    np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_process_shards_disjoint_and_covering(imagenet, mesh):
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  shards = []
+  for index in range(2):
+    it = input_pipeline.train_iterator(config, mesh, process_index=index, process_count=2)
+    batches = take(it, 6)  # 24 per process = one epoch at 4 rows per batch
+    assert batches[0]['image'].shape == (4, SIZE, SIZE, 3)
+    shards.append(ids_of(batches, config))
+  assert len(set(shards[0])) == 24 and len(set(shards[1])) == 24
+  assert not set(shards[0]) & set(shards[1])
+  assert set(shards[0]) | set(shards[1]) == set(expected['train'])
+
+
+@pytest.mark.parametrize('step', [3, 9, 13])  # mid first epoch; mid second; 13 * 8 > 2 epochs
+def test_resume_gives_identical_batches(imagenet, mesh, step):
+  config = make_config(imagenet[0], random_erase=0.5)  # noise: any seed slip shows
+  original = input_pipeline.train_iterator(config, mesh)
+  take(original, step)
+  state = json.loads(json.dumps(original.state))
+  assert state['step'] == step and state['epoch'] == step * 8 // 48
+  expected = take(original, 5)  # runs across an epoch boundary for every `step` above
+  resumed = input_pipeline.train_iterator(config, mesh, state=state)
+  for a, b in zip(expected, take(resumed, 5)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert resumed.state['step'] == step + 5
+
+
+def test_repeated_augmentation(imagenet, mesh):
+  config = make_config(imagenet[0], repeated_aug=3, random_erase=1.0)
+  config.batch_size = 12
+  it = input_pipeline.train_iterator(config, mesh)
+  for epoch in range(2):
+    batches = take(it, 4)  # one epoch: 48 records
+    ids = ids_of(batches, config)
+    unique, counts = np.unique(ids, return_counts=True)
+    assert len(unique) == 16 and set(counts) == {3}, (epoch, unique, counts)
+    # The copies are augmented differently, and spread: no image twice in a row.
+    assert np.all(ids[1:] != ids[:-1])
+    images = np.concatenate([b['image'] for b in batches])
+    for copies in (np.flatnonzero(ids == i) for i in unique):
+      assert not np.array_equal(images[copies[0]], images[copies[1]])
+  # Each epoch picks a different third of the images.
+  assert set(ids_of(take(input_pipeline.train_iterator(config, mesh), 4), config)) != set(ids)
+
+
+@pytest.mark.parametrize('count', [1, 2])
+def test_eval_sees_every_example_once(imagenet, mesh, count):
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  seen, labels, lengths = [], [], set()
+  for index in range(count):
+    batches = input_pipeline.eval_iterator(config, mesh, process_index=index, process_count=count)
+    lengths.add(len(batches))
+    for _ in range(2):  # re-iterable: a second pass gives the same examples
+      passes = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+      assert len(passes) == len(batches)
+    for b in passes:
+      assert b['image'].shape == (8 // count, SIZE, SIZE, 3) and b['mask'].shape == (8 // count,)
+      keep = b['mask'] == 1
+      assert np.all(b['image'][~keep] == 0)
+      seen.extend(fake_imagenet.decode_ids(b['image'][keep], config.aug.mean, config.aug.std))
+      labels.extend(b['label'][keep])
+  assert len(lengths) == 1  # every process the same number of batches
+  assert sorted(seen) == sorted(expected['validation'])  # 29 = none missing, none twice
+  assert [expected['validation'][i] for i in seen] == labels
+
+
+def test_batch_size_errors(imagenet, mesh):
+  config = make_config(imagenet[0])
+  config.batch_size = 7
+  with pytest.raises(input_pipeline.InputError, match='multiple of 2'):
+    input_pipeline.train_iterator(config, mesh, process_index=0, process_count=2)
+  config.eval_batch_size = 9
+  with pytest.raises(input_pipeline.InputError, match='eval_batch_size=9 .* multiple of 2'):
+    input_pipeline.eval_iterator(config, mesh, process_index=1, process_count=2)
+
+
+def test_bad_split_is_one_line(imagenet, mesh):
+  config = make_config(imagenet[0])
+  config.data.eval_split = 'test'
+  with pytest.raises(datasets.DataError) as e:
+    input_pipeline.eval_iterator(config, mesh)
+  assert "no split 'test'" in str(e.value) and 'data.eval_split' in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+_EIGHT_DEVICES = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    from hvt_jax import datasets, defaults, input_pipeline, sharding
+    import jax
+    assert jax.device_count() == 8
+    data_dir = sys.argv[1]
+    c = defaults.train_config()
+    c.data.update(name='imagenet2012', data_dir=data_dir, shuffle_buffer=16)
+    c.model.image_size = 16
+    c.model.num_classes = 1000
+    c.batch_size = 16
+    c.eval_batch_size = 24
+    mesh = sharding.make_mesh((('data', 4), ('fsdp', 2)))
+    batch = next(input_pipeline.train_iterator(c, mesh))
+    # The same rows straight from tf.data, before placement.
+    b = datasets.ensure_prepared(c)
+    source = input_pipeline.tfds_source(b, input_pipeline.process_split('train', 0, 1))
+    local = next(input_pipeline.train_dataset(source, c, process_index=0, local_batch=16)
+                 .as_numpy_iterator())
+    out = {}
+    for key in ('image', 'label'):
+      arr = batch[key]
+      assert arr.sharding == sharding.batch_sharding(mesh), arr.sharding
+      np.testing.assert_array_equal(np.asarray(arr), local[key])
+      out[key] = sorted((s.index[0].start, s.index[0].stop, s.device.id)
+                        for s in arr.addressable_shards)
+      for s in arr.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(s.data), local[key][s.index])
+    total = 0
+    for e in input_pipeline.eval_iterator(c, mesh):
+      assert e['mask'].sharding == sharding.batch_sharding(mesh)
+      total += int(e['mask'].sum())
+    out['eval_total'] = total
+    print(json.dumps(out))
+''')
+
+
+def test_batches_on_an_eight_device_mesh(imagenet):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', _EIGHT_DEVICES, imagenet[0]], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [r[:2] for r in out['image']] == [[2 * i, 2 * i + 2] for i in range(8)]
+  assert len({r[2] for r in out['image']}) == 8  # every device holds its own 2 rows
+  assert out['eval_total'] == 29
+
+
+def test_resume_far_ahead_does_not_replay(imagenet, mesh):
+  """Epoch 10**8 starts directly: nothing before the current epoch is read again."""
+  config = make_config(imagenet[0])
+  state = {'step': 6 * 10 ** 8 + 2, 'batch_size': 8, 'process_count': 1, 'seed': 0}
+  it = input_pipeline.train_iterator(config, mesh, state=state)
+  batch = take(it, 1)[0]
+  assert batch['image'].shape == (8, SIZE, SIZE, 3)
+  assert it.state['step'] == state['step'] + 1 and it.state['epoch'] == 10 ** 8
+
+
+def test_eval_with_more_processes_than_examples(imagenet, mesh):
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  config.data.eval_split = 'validation[:3]'
+  seen = []
+  for index in range(4):  # the 4th process has no example, yet yields its padding batch
+    batches = list(input_pipeline.eval_iterator(config, mesh, process_index=index,
+                                                process_count=4))
+    assert len(batches) == 1
+    keep = np.asarray(batches[0]['mask']) == 1
+    seen.extend(fake_imagenet.decode_ids(np.asarray(batches[0]['image'])[keep],
+                                         config.aug.mean, config.aug.std))
+  assert len(seen) == len(set(seen)) == 3 and set(seen) <= set(expected['validation'])

@@ -1,0 +1,142 @@
+"""The training system end to end on the offline digits, with the tiny test config."""
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from hvt_jax import checkpoint, curves
+
+TINY = str(REPO / 'tests' / 'tiny_config.py')
+
+
+def run_main(workdir, *overrides, check=True, timeout=400, env=None, wait=True):
+  cmd = [sys.executable, '-m', 'hvt_jax.main', f'--config={TINY}', f'--workdir={workdir}',
+         *overrides]
+  env = {**os.environ, **(env or {})}
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'main failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return result
+
+
+def params_of(workdir, **kw):
+  _, params = checkpoint.load(str(workdir), sharding='cpu', **kw)
+  return jax.tree.map(np.asarray, params)
+
+
+def test_loss_falls_and_everything_is_written(tmp_path):
+  run_main(tmp_path, '--config.max_steps=24')
+  rows = curves.read(tmp_path)
+  losses = [r['train/loss'] for r in rows if 'train/loss' in r]
+  assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
+  evals = [r for r in rows if 'eval/top1' in r]
+  assert [r['step'] for r in evals] == [8, 16, 24]
+  assert evals[-1]['eval/examples'] == 300 and evals[-1]['eval_ema/examples'] == 300
+  assert evals[-1]['eval/top1'] > 20  # chance is 10%
+  train_row = [r for r in rows if 'train/images_per_sec_per_device' in r][-1]
+  assert train_row['train/images_per_sec_per_device'] > 0 and train_row['train/lr'] > 0
+  assert (tmp_path / 'curves.png').stat().st_size > 10_000
+  assert list(tmp_path.glob('events.out.tfevents.*'))  # TensorBoard
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['depth'] == 4
+  mngr = checkpoint.manager(str(tmp_path), read_only=True)
+  assert 24 in mngr.all_steps() and mngr.best_step() in (8, 16, 24)
+  meta = checkpoint.read_step_meta(str(tmp_path))
+  assert meta['class_names'] == [str(i) for i in range(10)] and meta['preprocess']['crop_pct'] == 0.875
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (pathlib.Path(workdir) / 'checkpoints' / str(step) / 'commit_success.txt').exists():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early:\n{proc.stdout.read()[-3000:]}')
+    time.sleep(0.2)
+  raise AssertionError(f'no checkpoint at step {step} within {timeout}s')
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+  whole, broken = tmp_path / 'whole', tmp_path / 'broken'
+  run_main(whole, '--config.max_steps=16')
+  proc = run_main(broken, '--config.max_steps=16', wait=False)
+  _wait_for_checkpoint(proc, broken, 8)
+  proc.kill()  # SIGKILL: no chance to save anything more
+  proc.wait()
+  assert checkpoint.manager(str(broken), read_only=True).latest_step() < 16
+  resumed = run_main(broken, '--config.max_steps=16')
+  assert 'Resumed' in resumed.stderr
+  a, b = params_of(whole), params_of(broken)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(jax.tree.leaves(params_of(whole, ema=True))[0],
+                             jax.tree.leaves(params_of(broken, ema=True))[0], rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = run_main(tmp_path, '--config.max_steps=100000', '--config.checkpoint_every_steps=1000',
+                  '--config.eval_every_steps=1000', wait=False)
+  _wait_for_checkpoint_log(proc, 'train/loss')
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-2000:]
+  assert 'rerun the same command to resume' in out
+  step = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
+  assert step is not None and 4 <= step < 100000
+
+
+def _wait_for_checkpoint_log(proc, text, timeout=300):
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    if text in line:
+      return
+    if time.time() > deadline:
+      break
+  raise AssertionError(f'{text!r} never appeared in the log')
+
+
+def test_bad_config_key_is_one_clear_line_and_creates_nothing(tmp_path):
+  result = run_main(tmp_path / 'run', '--config.optim.lr_typo=1', check=False, timeout=120)
+  assert result.returncode != 0
+  assert 'lr_typo' in result.stderr and 'Traceback' not in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def _digest(directory):
+  h = hashlib.sha256()
+  for f in sorted(pathlib.Path(directory).rglob('*')):
+    if f.is_file():
+      h.update(f.name.encode() + f.read_bytes())
+  return h.hexdigest()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_loses_nothing(tmp_path):
+  run_main(tmp_path, '--config.max_steps=8')
+  step_dir = tmp_path / 'checkpoints' / '8' / 'params'
+  for f in step_dir.rglob('*'):
+    if f.is_file() and 'manifest' in f.name:
+      f.write_bytes(b'\0' * 10)
+  before = _digest(tmp_path / 'checkpoints')
+  result = run_main(tmp_path, '--config.max_steps=16', check=False)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('main: error: cannot restore the checkpoint at') and '/8' in last, last
+  assert 'Traceback' not in result.stderr
+  assert _digest(tmp_path / 'checkpoints') == before
+
+
+def test_a_changed_config_needs_a_new_workdir(tmp_path):
+  run_main(tmp_path, '--config.max_steps=4', '--config.eval_every_steps=4')
+  result = run_main(tmp_path, '--config.max_steps=8', '--config.model.depth=5', check=False)
+  assert result.returncode != 0 and 'different model' in result.stderr.strip().splitlines()[-1]
