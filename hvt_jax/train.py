@@ -20,6 +20,7 @@ from typing import Callable
 from absl import logging
 from clu import metric_writers, periodic_actions
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -74,16 +75,19 @@ def all_process_states(local_state, size: int = 4096) -> list:
 
 
 def evaluate(eval_step, state: train_step.TrainState, eval_batches) -> dict[str, float]:
-  """Top-1/top-5 (%) and loss over the whole eval split, for the raw and the EMA weights."""
-  results = {}
-  for prefix, params in (('eval', state.params), ('eval_ema', state.ema_params)):
-    if params is None:
-      continue
-    sums = None
-    for batch in eval_batches:
+  """Top-1/top-5 (%) and loss over the whole eval split, for the raw and the EMA weights.
+
+  One pass over the data serves both sets of weights.
+  """
+  weights = {'eval': state.params, 'eval_ema': state.ema_params}
+  weights = {k: v for k, v in weights.items() if v is not None}
+  sums = dict.fromkeys(weights)
+  for batch in eval_batches:
+    for prefix, params in weights.items():
       out = eval_step(params, batch)
-      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    s = jax.device_get(sums)
+      sums[prefix] = out if sums[prefix] is None else jax.tree.map(jnp.add, sums[prefix], out)
+  results = {}
+  for prefix, s in jax.device_get(sums).items():
     count = float(s['count'])
     results.update({f'{prefix}/top1': 100 * float(s['top1']) / count,
                     f'{prefix}/top5': 100 * float(s['top5']) / count,

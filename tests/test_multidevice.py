@@ -1,0 +1,98 @@
+"""Sharded training on 8 virtual CPU devices, and two processes training together."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+import tiny_config
+from hvt_jax import datasets
+
+ONE_VS_EIGHT = r'''
+import os
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+import json, jax, numpy as np
+from hvt_jax import defaults, optim, sharding, train_step
+from hvt_jax import model as model_lib
+
+config = defaults.train_config()
+config.model = model_lib.variant('hvt-s-1', image_size=16, patch_size=4, num_heads=2,
+                                 head_dim=64, depth=2, pool_every=2, num_classes=10,
+                                 drop_path=0.1)
+config.batch_size = 16
+config.optim.update(lr=1e-3, warmup_epochs=0)
+config.aug.update(mixup=0.8, cutmix=1.0)
+model = model_lib.HVT(**config.model)
+rng = np.random.default_rng(0)
+images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
+labels = rng.integers(0, 10, 16).astype(np.int32)
+devices = jax.devices()
+out = {}
+for name, axes, devs in [('1', (('data', 1),), devices[:1]), ('8', (('data', 8),), devices),
+                         ('fsdp', (('data', 4), ('fsdp', 2)), devices)]:
+  mesh = sharding.make_mesh(axes, devs)
+  schedule = optim.lr_schedule(config.optim, 16, 10, 10)
+  tx = optim.make(config.optim, schedule)
+  state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True, mesh=mesh)
+  p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+  put = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
+  batch = {'image': put(images), 'label': put(labels)}
+  losses = []
+  for _ in range(2):
+    state, metrics = p_train(state, batch)
+    losses.append(float(metrics['loss']))
+  qkv = state.params['blocks_0']['attn']['qkv']['kernel']
+  ev = p_eval(state.params, {**batch, 'mask': put(np.ones(16, np.float32))})
+  out[name] = {'losses': losses, 'grad_norm': float(metrics['grad_norm']),
+               'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
+               'qkv_spec': str(qkv.sharding.spec), 'qkv_devices': len(qkv.sharding.device_set),
+               'eval_top1': float(ev['top1'])}
+print('RESULT' + json.dumps(out))
+'''
+
+
+def test_one_step_on_one_device_equals_eight_and_fsdp():
+  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.split('RESULT', 1)[1])
+  one = out['1']
+  for name in ('8', 'fsdp'):
+    np.testing.assert_allclose(out[name]['losses'], one['losses'], rtol=1e-5)
+    np.testing.assert_allclose(out[name]['grad_norm'], one['grad_norm'], rtol=1e-4)
+    assert out[name]['eval_top1'] == one['eval_top1']
+    for a, b in zip(out[name]['params'], one['params']):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert out['8']['qkv_spec'] == 'P()'  # data parallel: replicated weights
+  assert 'fsdp' in out['fsdp']['qkv_spec'] and out['fsdp']['qkv_devices'] == 8
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together(tmp_path):
+  # Several processes never build a dataset at once; a run prepares it first.
+  datasets.ensure_prepared(tiny_config.get_config())
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  cmd = [sys.executable, '-m', 'hvt_jax.main', f'--config={REPO / "tests" / "tiny_config.py"}',
+         f'--workdir={tmp_path}', '--config.max_steps=8', f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2']
+  procs = [subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'Process 1 of 2; 2 local / 4 global devices' in outs[1]
+  assert 'on 4 devices' in outs[0]
+  meta = json.loads((tmp_path / 'checkpoints' / '8' / 'data' / 'metadata').read_text())
+  assert len(meta) == 2  # each process's input position
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['step'] == 8 and rows[-1]['eval/examples'] == 300
