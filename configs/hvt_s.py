@@ -15,12 +15,13 @@ Expected (paper, ImageNet val, 8x128 images per step, 300 epochs): top-1 80.39 (
 """
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
+from hvt_jax.errors import UserError
 
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, stages=1, data='imagenet2012', recipe='paper', epochs=300)
   if not 0 <= arg.stages <= 4:
-    raise ValueError(f'stages={arg.stages}: HVT-S has 0 to 4 pooling stages.')
+    raise UserError(f'stages={arg.stages}: HVT-S has 0 to 4 pooling stages.')
   config = defaults.train_config()
   config.model = model_lib.variant(f'hvt-s-{arg.stages}', drop_path=0.1, dtype='bfloat16')
   defaults.use_dataset(config, arg.data)

@@ -13,12 +13,13 @@ DeiT-Ti 72.2 top-1 at 1.25 GMACs.
 """
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
+from hvt_jax.errors import UserError
 
 
 def get_config(arg=None):
   arg = defaults.parse_arg(arg, model='hvt-ti-1', data='imagenet2012', recipe='paper', epochs=300)
   if arg.model not in ('hvt-ti-1', 'deit-ti'):
-    raise ValueError(f'model={arg.model}: choose hvt-ti-1 or deit-ti.')
+    raise UserError(f'model={arg.model}: choose hvt-ti-1 or deit-ti.')
   config = defaults.train_config()
   config.model = model_lib.variant(arg.model, drop_path=0.1, dtype='bfloat16')
   defaults.use_dataset(config, arg.data)

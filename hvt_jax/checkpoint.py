@@ -11,11 +11,14 @@ is renamed into place only once complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -38,10 +41,9 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def read_model_json(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, MODEL_FILE)
+  path = epath.Path(directory) / MODEL_FILE
   try:
-    with open(path) as f:
-      meta = json.load(f)
+    meta = json.loads(path.read_text())
     config = meta['model']
     model_lib.HVT(**config).tokens_per_block()
   except FileNotFoundError:
@@ -82,6 +84,11 @@ def save_model(directory: str, model: model_lib.HVT, params, **meta) -> str:
   return directory
 
 
+def _absolute(path: str) -> str:
+  """Orbax needs absolute local paths; URLs (gs://...) pass through."""
+  return str(path) if '://' in str(path) else os.path.abspath(path)
+
+
 def _target_sharding(sharding):
   if sharding is None:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -96,9 +103,11 @@ def restore_tree(path: str, sharding=None):
   The target is built from the saved shapes, so the saving run's device count
   and layout do not matter.
   """
+  path = _absolute(path)
   ckptr = ocp.StandardCheckpointer()
   try:
-    saved = ckptr.metadata(path).item_metadata.tree
+    with _orbax_warnings_off():  # an item dir inside a step has no step-level metadata file
+      saved = ckptr.metadata(path).item_metadata.tree
   except FileNotFoundError:
     raise CheckpointError(f'no Orbax checkpoint at {path}.') from None
   except Exception as e:  # Orbax raises many types for damaged metadata
@@ -191,13 +200,24 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
   return state, r['data']
 
 
+@contextlib.contextmanager
+def _orbax_warnings_off():
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
 def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
   """The step directory to read weights from, for a workdir or its checkpoints/ dir."""
-  ckpt_dir = os.path.join(path, CHECKPOINTS_DIR)
-  if not os.path.isdir(ckpt_dir):
-    ckpt_dir = path
-  mngr = manager(os.path.dirname(ckpt_dir.rstrip('/')), read_only=True)
-  steps = mngr.all_steps()
+  ckpt_dir = epath.Path(_absolute(path)) / CHECKPOINTS_DIR
+  if not ckpt_dir.is_dir():
+    ckpt_dir = epath.Path(_absolute(path))
+  with _orbax_warnings_off():  # a read-only manager warns that it is read-only
+    mngr = manager(str(ckpt_dir.parent), read_only=True)
+    steps = mngr.all_steps()
   if not steps:
     raise CheckpointError(f'{path} holds no model dir ({MODEL_FILE}) and no training checkpoints.')
   if step is None:
@@ -207,15 +227,14 @@ def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
                             'load the latest instead.')
   elif step not in steps:
     raise CheckpointError(f'{path} has no checkpoint at step {step}; it has steps {steps}.')
-  return os.path.join(ckpt_dir, str(step)), step
+  return str(ckpt_dir / str(step)), step
 
 
 def read_step_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
   """A training checkpoint's model metadata (as in model.json), plus its `step`."""
   step_dir, step = _step_dir(path, step, best)
   try:
-    with open(os.path.join(step_dir, 'model', 'metadata')) as f:
-      meta = json.load(f)
+    meta = json.loads((epath.Path(step_dir) / 'model' / 'metadata').read_text())
     model_lib.HVT(**meta['model']).tokens_per_block()
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'{step_dir}: the model config is missing or corrupt ({e}).') from None
@@ -234,9 +253,9 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   of Shardings matching the parameters; the device count that saved them does
   not matter.
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise CheckpointError(f'{path}: no such model dir or workdir.')
-  if os.path.exists(os.path.join(path, MODEL_FILE)):
+  if (epath.Path(path) / MODEL_FILE).exists():
     if step is not None or best or ema:
       raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
                             'apply to training workdirs only.')
@@ -244,7 +263,7 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   meta = read_step_meta(path, step=step, best=best)
   step_dir, _ = _step_dir(path, meta['step'], False)
   item = 'ema_params' if ema else 'params'
-  if not os.path.isdir(os.path.join(step_dir, item)):
+  if not (epath.Path(step_dir) / item).is_dir():
     raise CheckpointError(f'{step_dir} has no {item} (was EMA off in that run?).')
   model = model_lib.HVT(**meta['model'])
   return model, _checked_params(model, restore_tree(os.path.join(step_dir, item), sharding), step_dir)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import sys
+import threading
 from typing import Callable
 
 from absl import app, flags, logging
@@ -48,6 +49,18 @@ def config(name: str = 'config'):
     raise UserError(f'cannot load --{name}: {lines[-1] if lines else e}') from None
 
 
+def _drop_closed_loop_noise() -> None:
+  """Orbax leaves TensorStore callbacks pending when a restore fails; at exit they hit a closed
+  asyncio loop and print tracebacks after our one-line error. Those carry no information."""
+  def is_noise(exc):
+    return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+  previous_unraisable = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if is_noise(u.exc_value) else previous_unraisable(u)
+  previous_thread = threading.excepthook
+  threading.excepthook = lambda a: None if is_noise(a.exc_value) else previous_thread(a)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` that ends on a `UserError` with the line `<tool>: error: <message>`.
 
@@ -57,6 +70,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def wrapped(argv):
     quiet_libraries()
+    _drop_closed_loop_noise()
     try:
       main(argv)
     except UserError as e:

@@ -130,9 +130,11 @@ def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('pytorch', None, 'checkpoint in the official release layout (.pth)')
-flags.DEFINE_string('output', None, 'new directory for the hvt_jax model')
-flags.DEFINE_string('key', None, "entry holding the state dict (default 'model', else the whole file)")
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  flags.DEFINE_string('pytorch', None, 'checkpoint in the official release layout (.pth)')
+  flags.DEFINE_string('output', None, 'new directory for the hvt_jax model')
+  flags.DEFINE_string('key', None, "entry holding the state dict (default 'model', else the whole file)")
 
 
 def main(argv):
@@ -144,5 +146,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['pytorch', 'output'])
   cli.run(main)

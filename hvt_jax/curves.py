@@ -5,10 +5,11 @@ and `plot` can read a run's history without TensorBoard.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 
 from clu.metric_writers import interface
+from etils import epath
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'curves.png'
@@ -18,11 +19,11 @@ class JsonlWriter(interface.MetricWriter):
   """A clu writer that keeps scalars only, one JSON object per write."""
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._path = epath.Path(workdir) / METRICS_FILE
 
   def write_scalars(self, step, scalars):
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self._path, 'a') as f:
+    with self._path.open('a') as f:
       f.write(json.dumps(row) + '\n')
 
   # Everything that is not a scalar goes to TensorBoard only.
@@ -38,11 +39,10 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def read(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -57,11 +57,11 @@ def plot(workdir: str) -> str | None:
   rows = read(workdir)
   if not rows:
     return None
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  # A bare Figure, not pyplot: no global backend switch, so notebooks keep their inline plots.
+  from matplotlib.figure import Figure
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  fig = Figure(figsize=(15, 4))
+  axes = fig.subplots(1, 3)
   for key, label in [('train/loss', 'train (smoothed or mixed targets)'), ('eval/loss', 'eval'),
                      ('eval_ema/loss', 'eval, EMA weights')]:
     if any(key in r for r in rows):
@@ -80,9 +80,10 @@ def plot(workdir: str) -> str | None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+  fig.suptitle(epath.Path(workdir).name)
   fig.tight_layout()
-  path = os.path.join(workdir, PLOT_FILE)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
+  path = epath.Path(workdir) / PLOT_FILE
+  path.write_bytes(png.getvalue())
+  return str(path)

@@ -8,26 +8,32 @@ and `python -m hvt_jax.predict --model=output` read the result.
 """
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from hvt_jax import checkpoint, cli
 from hvt_jax import model as model_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'training workdir to export from')
-flags.DEFINE_string('output', None, 'new directory for the model')
-flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw ones')
-flags.DEFINE_bool('best', False, 'the checkpoint with the best eval top-1 instead of the latest')
-flags.DEFINE_integer('step', None, 'a specific saved step')
-flags.mark_flags_as_required(['workdir', 'output'])
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  flags.DEFINE_string('workdir', None, 'training workdir to export from')
+  flags.DEFINE_string('output', None, 'new directory for the model')
+  flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw ones')
+  flags.DEFINE_bool('best', False, 'the checkpoint with the best eval top-1 instead of the latest')
+  flags.DEFINE_integer('step', None, 'a specific saved step')
+  flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def export(workdir: str, output: str, *, ema: bool = False, best: bool = False,
            step: int | None = None) -> str:
   model, params = checkpoint.load(workdir, step=step, best=best, ema=ema, sharding='cpu')
   meta = checkpoint.read_step_meta(workdir, step=step, best=best)
-  which = f'{"EMA" if ema else "raw"} weights of step {meta.pop("step")}'
-  return checkpoint.save_model(output, model, params, **meta, source=f'exported {which} of {workdir}')
+  which = f'{"EMA" if ema else "raw"} weights of step {meta["step"]}'
+  extra = {k: v for k, v in meta.items() if k not in ('model', 'step')}  # eval transform, names
+  return checkpoint.save_model(output, model, params, **extra,
+                               source=f'exported {which} of {os.path.abspath(workdir)}')
 
 
 def main(argv):
@@ -39,4 +45,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -11,6 +11,8 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -18,14 +20,16 @@ from ml_collections import config_flags
 from hvt_jax import cli, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'config file, optionally with :args', lock_config=True)
-flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and curves go (resumes if present)')
-flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with the cluster '
-                  'auto-detected (TPU VMs, SLURM, ...)')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-host')
-flags.DEFINE_integer('num_processes', None, 'number of processes, for explicit multi-host')
-flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1, for explicit multi-host')
-flags.mark_flags_as_required(['config', 'workdir'])
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'config file, optionally with :args', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'where checkpoints, metrics and curves go (resumes if present)')
+  flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize() with the cluster '
+                    'auto-detected (TPU VMs, SLURM, ...)')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-host')
+  flags.DEFINE_integer('num_processes', None, 'number of processes, for explicit multi-host')
+  flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1, for explicit multi-host')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def init_distributed() -> None:
@@ -43,10 +47,20 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def use_compile_cache() -> None:
+  """Keeps compiled programs across runs, so a resumed or repeated run starts in seconds.
+
+  $JAX_COMPILATION_CACHE_DIR wins; otherwise ~/.cache/hvt_jax/xla.
+  """
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser('~/.cache/hvt_jax/xla'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = cli.config()
+  use_compile_cache()
   init_distributed()
   logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -55,4 +69,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -22,11 +22,13 @@ from hvt_jax import checkpoint, cli, defaults, preprocess
 from hvt_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', None, 'model dir or training workdir')
-flags.DEFINE_bool('ema', False, 'for a workdir: use the EMA weights')
-flags.DEFINE_integer('top', 5, 'how many classes to print per image')
-flags.DEFINE_integer('batch', 32, 'images per forward pass')
-flags.mark_flags_as_required(['model'])
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  flags.DEFINE_string('model', None, 'model dir or training workdir')
+  flags.DEFINE_bool('ema', False, 'for a workdir: use the EMA weights')
+  flags.DEFINE_integer('top', 5, 'how many classes to print per image')
+  flags.DEFINE_integer('batch', 32, 'images per forward pass')
+  flags.mark_flags_as_required(['model'])
 
 
 class ImageError(UserError):
@@ -102,4 +104,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -15,11 +15,13 @@ from absl import flags
 from hvt_jax import cli, datasets, defaults
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('dataset', 'hvt_digits', 'TFDS name: imagenet2012, cifar100, hvt_digits, ...')
-flags.DEFINE_string('data_dir', None, 'TFDS data dir; default $TFDS_DATA_DIR or '
-                    '~/tensorflow_datasets.')
-flags.DEFINE_string('manual_dir', None, 'Manually downloaded files (the ImageNet tars); '
-                    'default <data_dir>/downloads/manual.')
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  flags.DEFINE_string('dataset', 'hvt_digits', 'TFDS name: imagenet2012, cifar100, hvt_digits, ...')
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir; default $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets.')
+  flags.DEFINE_string('manual_dir', None, 'Manually downloaded files (the ImageNet tars); '
+                      'default <data_dir>/downloads/manual.')
 
 
 def main(argv: list[str]) -> None:
@@ -39,4 +41,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -87,9 +87,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('model', list(PUBLISHED), 'published model names (see hvt_jax.model.VARIANTS)')
-flags.DEFINE_bool('xla', False, 'also compile each model and print XLA cost-analysis GFLOPs')
-config_flags.DEFINE_config_file('config', None, 'training config; summarizes its config.model')
+def define_flags() -> None:
+  """Only when run as a program: importing the module defines no flags."""
+  flags.DEFINE_list('model', list(PUBLISHED), 'published model names (see hvt_jax.model.VARIANTS)')
+  flags.DEFINE_bool('xla', False, 'also compile each model and print XLA cost-analysis GFLOPs')
+  config_flags.DEFINE_config_file('config', None, 'training config; summarizes its config.model')
 
 
 def main(argv):
@@ -103,4 +105,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import signal
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Callable
 
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -47,18 +47,16 @@ def _lookup(config: dict, dotted: str):
 
 def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes the run's config once; later runs in the same workdir must match it."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = epath.Path(workdir) / CONFIG_FILE
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if path.exists():
+    saved = json.loads(path.read_text())
     changed = [k for k in _MUST_MATCH if _lookup(saved, k) != _lookup(current, k)]
     if changed:
       raise TrainError(f'{workdir} holds a run with different {", ".join(changed)}; resume it with '
                        f'its own config ({path}) or pass a new --workdir.')
   elif jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(current, f, indent=2)
+    path.write_text(json.dumps(current, indent=2))
 
 
 def all_process_states(local_state, size: int = 4096) -> list:
@@ -178,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
             model_meta(config, model), p_train, p_eval)
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   check_or_write_config(workdir, config)
   # Closing waits for pending async saves; an unclosed manager breaks interpreter exit.
   with contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
@@ -210,8 +208,8 @@ def _eval_only(run: Run, state, writer) -> train_step.TrainState:
   step = int(state.step)
   writer.write_scalars(step, results)
   if jax.process_index() == 0:
-    with open(os.path.join(run.workdir, 'eval_results.json'), 'w') as f:
-      json.dump({'step': step, **results}, f, indent=2)
+    (epath.Path(run.workdir) / 'eval_results.json').write_text(
+        json.dumps({'step': step, **results}, indent=2))
   logging.info('Eval at step %d: %s', step, results)
   return state
 

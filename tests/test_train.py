@@ -140,3 +140,44 @@ def test_a_changed_config_needs_a_new_workdir(tmp_path):
   run_main(tmp_path, '--config.max_steps=4', '--config.eval_every_steps=4')
   result = run_main(tmp_path, '--config.max_steps=8', '--config.model.depth=5', check=False)
   assert result.returncode != 0 and 'different model' in result.stderr.strip().splitlines()[-1]
+
+
+def test_eval_only_from_a_model_dir(tmp_path):
+  import tiny_config
+  from hvt_jax import model as model_lib
+  model = model_lib.HVT(**tiny_config.get_config().model)
+  model_dir = checkpoint.save_model(str(tmp_path / 'model'), model,
+                                    model_lib.init_params(model, jax.random.key(3)))
+  run_main(tmp_path / 'eval', '--config.eval_only=True', f'--config.init_from={model_dir}')
+  results = json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())
+  assert results['step'] == 0 and results['eval/examples'] == 300
+  assert 0 <= results['eval/top1'] <= results['eval/top5'] <= 100
+  assert not (tmp_path / 'eval' / 'checkpoints').exists() or not list(
+      (tmp_path / 'eval' / 'checkpoints').iterdir())
+  result = run_main(tmp_path / 'empty', '--config.eval_only=True', check=False)
+  assert 'has no checkpoint; pass --config.init_from' in result.stderr.strip().splitlines()[-1]
+
+
+def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
+  import optax
+  import tiny_config
+  from hvt_jax import model as model_lib, sharding, train, train_step
+  config = tiny_config.get_config()
+  source = model_lib.HVT(**{**config.model, 'num_classes': 5})
+  source_params = model_lib.init_params(source, jax.random.key(7))
+  model_dir = checkpoint.save_model(str(tmp_path / 'src'), source, source_params)
+  model = model_lib.HVT(**config.model)
+  mesh = sharding.make_mesh((('data', -1),))
+  state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
+                                             mesh=mesh)
+  started = train._start_from(state, model_dir, shardings)
+  np.testing.assert_array_equal(started.params['blocks_1']['mlp']['fc1']['kernel'],
+                                source_params['blocks_1']['mlp']['fc1']['kernel'])
+  np.testing.assert_array_equal(started.ema_params['pos_embed'], source_params['pos_embed'])
+  assert started.params['head']['kernel'].shape == (32, 10)
+  np.testing.assert_array_equal(started.params['head']['kernel'], state.params['head']['kernel'])
+  narrower = model_lib.HVT(**{**config.model, 'head_dim': 8})
+  other_dir = checkpoint.save_model(str(tmp_path / "other"), narrower,
+                                    model_lib.init_params(narrower, jax.random.key(1)))
+  with pytest.raises(train.TrainError, match='does not fit this model'):
+    train._start_from(state, other_dir, shardings)
