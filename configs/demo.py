@@ -1,11 +1,11 @@
-"""A small HVT learns handwritten digits offline on a laptop CPU, in about 5 minutes.
+"""A small HVT learns handwritten digits offline on a CPU, in about 5 minutes.
 
   python -m hvt_jax.main --config=configs/demo.py --workdir=/tmp/hvt_demo
 
 The data are scikit-learn's 1,797 bundled 8x8 digits as 32x32 images (the `hvt_digits` TFDS
 dataset, built on first use with no download). The model: patch 4 (64 tokens), width 64,
 6 blocks, pooling after blocks 0, 2 and 4 (64 -> 31 -> 15 -> 7 tokens).
-Expected: about 97% top-1 on the 300 held-out digits (see README for the measured run);
+Expected: 99.7% top-1 (299/300 held-out digits) after 5.5 min on a 2-core VM (README);
 curves in /tmp/hvt_demo/curves.png.
 
 Arguments: `configs/demo.py:epochs=5` for a quicker smoke run.
