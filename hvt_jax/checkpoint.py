@@ -241,6 +241,13 @@ def read_step_meta(path: str, *, step: int | None = None, best: bool = False) ->
   return {**meta, 'step': step}
 
 
+def read_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
+  """model.json's contents for a model dir; for a workdir, the chosen step's, plus `step`."""
+  if (epath.Path(path) / MODEL_FILE).exists():
+    return read_model_json(path)
+  return read_step_meta(path, step=step, best=best)
+
+
 def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = False,
          sharding=None):
   """`(model, params)` for `model.apply({'params': params}, images)`, from any saved form.

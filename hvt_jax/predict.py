@@ -10,7 +10,6 @@ line and the others are still classified; the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -60,9 +59,7 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
 def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
   model, params = checkpoint.load(model_path, ema=ema)
-  meta = (checkpoint.read_model_json(model_path)
-          if os.path.exists(os.path.join(model_path, checkpoint.MODEL_FILE))
-          else checkpoint.read_step_meta(model_path))
+  meta = checkpoint.read_meta(model_path)
   settings = meta.get('preprocess') or defaults.eval_preprocess(defaults.train_config().aug)
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))
