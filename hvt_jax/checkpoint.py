@@ -230,15 +230,20 @@ def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
   return str(ckpt_dir / str(step)), step
 
 
-def read_step_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
-  """A training checkpoint's model metadata (as in model.json), plus its `step`."""
+def _step_meta(path: str, step: int | None, best: bool) -> tuple[str, dict[str, Any]]:
+  """The chosen step's directory and its model metadata (as in model.json) plus `step`."""
   step_dir, step = _step_dir(path, step, best)
   try:
     meta = json.loads((epath.Path(step_dir) / 'model' / 'metadata').read_text())
     model_lib.HVT(**meta['model']).tokens_per_block()
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'{step_dir}: the model config is missing or corrupt ({e}).') from None
-  return {**meta, 'step': step}
+  return step_dir, {**meta, 'step': step}
+
+
+def read_step_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
+  """A training checkpoint's model metadata (as in model.json), plus its `step`."""
+  return _step_meta(path, step, best)[1]
 
 
 def read_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
@@ -267,8 +272,7 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
       raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
                             'apply to training workdirs only.')
     return load_model_dir(path, sharding)
-  meta = read_step_meta(path, step=step, best=best)
-  step_dir, _ = _step_dir(path, meta['step'], False)
+  step_dir, meta = _step_meta(path, step, best)
   item = 'ema_params' if ema else 'params'
   if not (epath.Path(step_dir) / item).is_dir():
     raise CheckpointError(f'{step_dir} has no {item} (was EMA off in that run?).')

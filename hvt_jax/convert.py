@@ -130,11 +130,14 @@ def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
 
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   flags.DEFINE_string('pytorch', None, 'checkpoint in the official release layout (.pth)')
   flags.DEFINE_string('output', None, 'new directory for the hvt_jax model')
   flags.DEFINE_string('key', None, "entry holding the state dict (default 'model', else the whole file)")
+  flags.mark_flags_as_required(['pytorch', 'output'])
 
 
 def main(argv):
@@ -147,5 +150,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  flags.mark_flags_as_required(['pytorch', 'output'])
   cli.run(main)

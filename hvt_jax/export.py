@@ -16,6 +16,8 @@ from hvt_jax import checkpoint, cli
 from hvt_jax import model as model_lib
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   flags.DEFINE_string('workdir', None, 'training workdir to export from')
@@ -28,8 +30,9 @@ def define_flags() -> None:
 
 def export(workdir: str, output: str, *, ema: bool = False, best: bool = False,
            step: int | None = None) -> str:
-  model, params = checkpoint.load(workdir, step=step, best=best, ema=ema, sharding='cpu')
   meta = checkpoint.read_step_meta(workdir, step=step, best=best)
+  # Pinned to that step: a run still training may save a newer one meanwhile.
+  model, params = checkpoint.load(workdir, step=meta['step'], ema=ema, sharding='cpu')
   which = f'{"EMA" if ema else "raw"} weights of step {meta["step"]}'
   extra = {k: v for k, v in meta.items() if k not in ('model', 'step')}  # eval transform, names
   return checkpoint.save_model(output, model, params, **extra,

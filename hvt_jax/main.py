@@ -20,6 +20,8 @@ from ml_collections import config_flags
 from hvt_jax import cli, train
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   config_flags.DEFINE_config_file('config', None, 'config file, optionally with :args', lock_config=True)

@@ -21,6 +21,8 @@ from hvt_jax import checkpoint, cli, defaults, preprocess
 from hvt_jax.errors import UserError
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   flags.DEFINE_string('model', None, 'model dir or training workdir')
@@ -58,8 +60,9 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
 
 def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
-  model, params = checkpoint.load(model_path, ema=ema)
   meta = checkpoint.read_meta(model_path)
+  # For a workdir, the weights of the step the metadata came from.
+  model, params = checkpoint.load(model_path, step=meta.get('step'), ema=ema)
   settings = meta.get('preprocess') or defaults.eval_preprocess(defaults.train_config().aug)
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))

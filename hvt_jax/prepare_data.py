@@ -15,6 +15,8 @@ from absl import flags
 from hvt_jax import cli, datasets, defaults
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   flags.DEFINE_string('dataset', 'hvt_digits', 'TFDS name: imagenet2012, cifar100, hvt_digits, ...')

@@ -87,6 +87,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 FLAGS = flags.FLAGS
+
+
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
   flags.DEFINE_list('model', list(PUBLISHED), 'published model names (see hvt_jax.model.VARIANTS)')
