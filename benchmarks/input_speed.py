@@ -23,7 +23,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from hvt_jax import datasets, defaults, input_pipeline
+from hvt_jax import defaults
+from hvt_jax.data import datasets, input_pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'hvt_digits', 'TFDS dataset (prepared, or preparable offline)')

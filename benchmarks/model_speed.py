@@ -17,7 +17,9 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from hvt_jax import defaults, optim, sharding, summary, train_step
+from hvt_jax import defaults
+from hvt_jax.training import optim, sharding, train_step
+from hvt_jax.model import summary
 from hvt_jax import model as model_lib
 
 FLAGS = flags.FLAGS

@@ -90,3 +90,9 @@ def run(main: Callable[[list[str]], None]) -> None:
                'the config file lists the valid keys.')
 
   app.run(wrapped, flags_parser=parse_flags)
+
+
+def command(module) -> None:
+  """Runs a command module's `main` with its flags: what `python -m hvt_jax.<tool>` does."""
+  module.define_flags()
+  run(module.main)

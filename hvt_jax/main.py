@@ -17,7 +17,8 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from hvt_jax import cli, train
+from hvt_jax import cli
+from hvt_jax.training import loop
 
 FLAGS = flags.FLAGS
 
@@ -67,7 +68,7 @@ def main(argv):
   logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(config, FLAGS.workdir)
+  loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

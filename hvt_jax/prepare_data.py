@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from hvt_jax import cli, datasets, defaults
+from hvt_jax import cli, defaults
+from hvt_jax.data import datasets
 
 FLAGS = flags.FLAGS
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import torch_layout
-from hvt_jax import checkpoint, convert, pth_reader
+from hvt_jax.training import checkpoint
+from hvt_jax.interop import convert, pth_reader
 from hvt_jax import model as model_lib
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from hvt_jax import datasets, defaults, digits_dataset
+from hvt_jax import defaults
+from hvt_jax.data import datasets, digits
 
 
 def make_config(name, data_dir, **data):
@@ -44,7 +45,7 @@ def test_digits_sizes_and_classes(digits_dir):
 
 
 def test_digits_split_is_fixed_and_disjoint():
-  a, b = digits_dataset.split_indices(), digits_dataset.split_indices()
+  a, b = digits.split_indices(), digits.split_indices()
   np.testing.assert_array_equal(a['test'], b['test'])
   assert len(a['train']) == 1497 and len(a['test']) == 300
   assert not set(a['train']) & set(a['test'])

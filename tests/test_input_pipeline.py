@@ -14,7 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 import fake_imagenet
-from hvt_jax import datasets, defaults, input_pipeline, sharding
+from hvt_jax import defaults
+from hvt_jax.data import datasets, input_pipeline
+from hvt_jax.training import sharding
 
 SIZE = 16
 
@@ -206,7 +208,9 @@ def test_bad_split_is_one_line(imagenet, mesh):
 _EIGHT_DEVICES = textwrap.dedent('''
     import json, sys
     import numpy as np
-    from hvt_jax import datasets, defaults, input_pipeline, sharding
+    from hvt_jax import defaults
+    from hvt_jax.data import datasets, input_pipeline
+    from hvt_jax.training import sharding
     import jax
     assert jax.device_count() == 8
     data_dir = sys.argv[1]

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hvt_jax import defaults, mixup
+from hvt_jax import defaults
+from hvt_jax.data import mixup
 
 B, H, W, C = 6, 16, 12, 10
 LABELS = jnp.arange(B)  # all different, so a target row shows its lambda

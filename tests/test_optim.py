@@ -6,7 +6,8 @@ import numpy as np
 import optax
 
 from conftest import TINY
-from hvt_jax import defaults, optim
+from hvt_jax import defaults
+from hvt_jax.training import optim
 from hvt_jax import model as model_lib
 
 

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from hvt_jax import defaults, preprocess
+from hvt_jax import defaults
+from hvt_jax.data import preprocess
 from hvt_jax.errors import UserError
 
 SIZE = 32

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from hvt_jax import randaugment as ra
+from hvt_jax.data import randaugment as ra
 from hvt_jax.errors import UserError
 
 FILL = (124, 116, 104)

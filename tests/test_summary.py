@@ -5,7 +5,7 @@ import pytest
 
 from conftest import TINY
 from hvt_jax import model as model_lib
-from hvt_jax import summary
+from hvt_jax.model import summary
 
 # HVT_FACTS.md: exact per-image MACs in the paper's convention, and the table's rounded figures.
 PUBLISHED_MACS = {

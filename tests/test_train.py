@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from hvt_jax import checkpoint, curves
+from hvt_jax.training import checkpoint, curves
 
 TINY = str(REPO / 'tests' / 'tiny_config.py')
 
@@ -161,7 +161,8 @@ def test_eval_only_from_a_model_dir(tmp_path):
 def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   import optax
   import tiny_config
-  from hvt_jax import model as model_lib, sharding, train, train_step
+  from hvt_jax import model as model_lib
+  from hvt_jax.training import sharding, loop, train_step
   config = tiny_config.get_config()
   source = model_lib.HVT(**{**config.model, 'num_classes': 5})
   source_params = model_lib.init_params(source, jax.random.key(7))
@@ -170,7 +171,7 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   mesh = sharding.make_mesh((('data', -1),))
   state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
                                              mesh=mesh)
-  started = train._start_from(state, model_dir, shardings)
+  started = loop._start_from(state, model_dir, shardings)
   np.testing.assert_array_equal(started.params['blocks_1']['mlp']['fc1']['kernel'],
                                 source_params['blocks_1']['mlp']['fc1']['kernel'])
   np.testing.assert_array_equal(started.ema_params['pos_embed'], source_params['pos_embed'])
@@ -179,5 +180,5 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   narrower = model_lib.HVT(**{**config.model, 'head_dim': 8})
   other_dir = checkpoint.save_model(str(tmp_path / "other"), narrower,
                                     model_lib.init_params(narrower, jax.random.key(1)))
-  with pytest.raises(train.TrainError, match='does not fit this model'):
-    train._start_from(state, other_dir, shardings)
+  with pytest.raises(loop.TrainError, match='does not fit this model'):
+    loop._start_from(state, other_dir, shardings)

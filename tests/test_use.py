@@ -13,7 +13,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from conftest import REPO
-from hvt_jax import checkpoint, export
+from hvt_jax.training import checkpoint
+from hvt_jax.interop import export
 from hvt_jax import model as model_lib
 
 TINY = str(REPO / 'tests' / 'tiny_config.py')

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY
 from hvt_jax import model as model_lib
-from hvt_jax import visualize
+from hvt_jax.model import visualize
 
 
 def test_windows_match_the_model_token_counts():

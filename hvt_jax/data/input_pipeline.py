@@ -26,7 +26,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from hvt_jax import datasets, preprocess, sharding
+from hvt_jax.data import datasets, preprocess
+from hvt_jax.training import sharding
 from hvt_jax.errors import UserError
 
 try:  # tf.data only needs the CPU; keep TensorFlow off the accelerators JAX uses

@@ -11,7 +11,7 @@ closer stand-in for a natural low-resolution picture, and the information is the
 Split: a fixed, stratified 1497 / 300 train / test split (seeded), so every build of every
 version of this code gives the same examples in each split.
 
-Defining the class registers it with TFDS; `hvt_jax.datasets` imports this module, so
+Defining the class registers it with TFDS; `hvt_jax.data.datasets` imports this module, so
 `tfds.builder('hvt_digits', data_dir=...)` and `config.data.name='hvt_digits'` work anywhere.
 """
 from __future__ import annotations

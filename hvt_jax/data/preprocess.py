@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from hvt_jax import randaugment
+from hvt_jax.data import randaugment
 from hvt_jax.errors import UserError
 
 # name -> (tf.image.resize method, antialias); PIL always antialiases when shrinking.

@@ -15,7 +15,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-from hvt_jax import digits_dataset  # noqa: F401  (defining the builder registers `hvt_digits`)
+from hvt_jax.data import digits  # noqa: F401  (defining the builder registers `hvt_digits`)
 from hvt_jax.errors import UserError
 
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')

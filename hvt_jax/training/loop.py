@@ -25,8 +25,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from hvt_jax import checkpoint, curves, datasets, defaults, input_pipeline, optim, sharding
-from hvt_jax import train_step
+from hvt_jax import defaults
+from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
+from hvt_jax.data import datasets, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hvt_jax import mixup, optim, sharding
+from hvt_jax.data import mixup
+from hvt_jax.training import optim, sharding
 from hvt_jax import model as model_lib
 
 

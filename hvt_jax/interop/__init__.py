@@ -1,0 +1,1 @@
+"""The interop area: reading official `.pth` files, converting them, exporting and predicting."""

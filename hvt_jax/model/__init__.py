@@ -1,0 +1,12 @@
+"""The model area: the HVT network (`hvt.py`), its cost (`summary.py`) and pooling maps (`visualize.py`).
+
+`from hvt_jax import model` gives the network's public names, so user code does not depend on
+which file inside this folder defines them.
+"""
+from hvt_jax.model.hvt import (HVT, VARIANTS, ConfigError, abstract_params, create, init_params,
+                               max_pool_tokens, model_fields, param_count, pools_at,
+                               stage_features, tokens_per_block, variant)
+
+__all__ = ['HVT', 'VARIANTS', 'ConfigError', 'abstract_params', 'create', 'init_params',
+           'max_pool_tokens', 'model_fields', 'param_count', 'pools_at', 'stage_features',
+           'tokens_per_block', 'variant']

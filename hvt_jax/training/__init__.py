@@ -1,0 +1,1 @@
+"""The training area: the loop, the jitted steps, the optimizer, the mesh, checkpoints and curves."""
