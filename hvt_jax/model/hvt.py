@@ -62,6 +62,11 @@ def pools_at(block: int, pool_every: int) -> bool:
   return pool_every > 0 and block % pool_every == 0
 
 
+def validate(config: dict[str, Any]) -> None:
+  """Raises ConfigError, saying what to change, for `HVT` fields no model can have."""
+  tokens_per_block(**config)
+
+
 def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: int,
                      pool_kernel: int = 3, pool_stride: int = 2, class_token: bool = False,
                      **_) -> list[int]:
@@ -205,6 +210,12 @@ class HVT(nn.Module):
   attention_dropout: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters stay float32
 
+  def __post_init__(self):
+    # The one check of a model's settings: every HVT that exists can be built, whether it came
+    # from a config, a model dir or a checkpoint. Impossible settings fail here, in words.
+    validate(self.config())
+    super().__post_init__()
+
   def config(self) -> dict[str, Any]:
     """The fields that rebuild this model: `HVT(**model.config())`."""
     return {name: getattr(self, name) for name in model_fields()}
@@ -214,7 +225,6 @@ class HVT(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    self.tokens_per_block()  # fail early, in words, on impossible settings
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ConfigError(f'expected images of shape (batch, {self.image_size}, {self.image_size}, 3) '
                         f'(NHWC), got {tuple(images.shape)}; resize/crop to image_size or set it.')
