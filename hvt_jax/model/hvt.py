@@ -62,11 +62,6 @@ def pools_at(block: int, pool_every: int) -> bool:
   return pool_every > 0 and block % pool_every == 0
 
 
-def validate(config: dict[str, Any]) -> None:
-  """Raises ConfigError, saying what to change, for `HVT` fields no model can have."""
-  tokens_per_block(**config)
-
-
 def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: int,
                      pool_kernel: int = 3, pool_stride: int = 2, class_token: bool = False,
                      **_) -> list[int]:
@@ -193,6 +188,8 @@ class HVT(nn.Module):
   before the pool (`blocks_{i}/before_pool`), the last block's tokens
   (`final_tokens`) and the features before the head (`pre_logits`);
   `stage_features` collects them per stage.
+
+  Settings no model can have (see `tokens_per_block`) raise ConfigError when the HVT is built.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -211,9 +208,9 @@ class HVT(nn.Module):
   dtype: str = 'float32'  # compute dtype; parameters stay float32
 
   def __post_init__(self):
-    # The one check of a model's settings: every HVT that exists can be built, whether it came
-    # from a config, a model dir or a checkpoint. Impossible settings fail here, in words.
-    validate(self.config())
+    # The one check of a model's settings, wherever they come from (a config, a model dir, a
+    # checkpoint): impossible ones fail here, in words, so every HVT that exists can be built.
+    self.tokens_per_block()
     super().__post_init__()
 
   def config(self) -> dict[str, Any]:
