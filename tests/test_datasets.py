@@ -47,6 +47,20 @@ def test_digits_sizes_and_classes(digits_dir):
   assert low < 10 and high > 200
 
 
+def test_model_meta_comes_from_the_opened_dataset(digits_dir):
+  from hvt_jax import model as model_lib
+  from hvt_jax.training import loop
+  config = make_config('hvt_digits', digits_dir, eval_split='test')
+  config.model.num_classes = 10
+  config.eval.crop_pct = 0.5
+  meta = loop.model_meta(config, model_lib.HVT(**config.model), datasets.open_dataset(config))
+  assert meta['class_names'] == [str(i) for i in range(10)]
+  assert meta['preprocess'] == defaults.eval_transform(config.eval) == dict(
+      crop_pct=0.5, interpolation='bicubic', mean=list(defaults.IMAGENET_MEAN),
+      std=list(defaults.IMAGENET_STD))
+  assert meta['model'] == dict(config.model) and meta['dataset'] == 'hvt_digits'
+
+
 def test_digits_split_is_fixed_and_disjoint():
   a, b = digits.split_indices(), digits.split_indices()
   np.testing.assert_array_equal(a['test'], b['test'])

@@ -68,6 +68,16 @@ def test_prepared_sizes(imagenet):
   assert tfds.builder('imagenet2012', data_dir=data_dir).info.splits['train'].num_shards == 3
 
 
+def test_iterators_read_the_dataset_the_run_opened(imagenet, mesh, monkeypatch):
+  config = make_config(imagenet[0])
+  dataset = datasets.open_dataset(config)
+  monkeypatch.setattr(datasets, 'open_dataset', lambda c: pytest.fail('opened a second time'))
+  monkeypatch.setattr(datasets, 'ensure_prepared', lambda c: pytest.fail('opened a second time'))
+  assert next(input_pipeline.train_iterator(config, mesh, dataset=dataset))['image'].shape == (
+      8, SIZE, SIZE, 3)
+  assert input_pipeline.eval_iterator(config, mesh, dataset=dataset).num_examples == 29
+
+
 def test_full_recipe_batches(imagenet, mesh):
   config = make_config(imagenet[0])
   config.aug.update(randaugment='rand-m9-mstd0.5-inc1', random_erase=0.25, repeated_aug=3)
