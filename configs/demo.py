@@ -23,7 +23,8 @@ def get_config(arg=None):
   config.data.shuffle_buffer = 2_000
   config.data.cache = True
   config.aug.update(crop_scale=(0.6, 1.0), flip=False, randaugment='', random_erase=0.0,
-                    repeated_aug=1, mixup=0.0, cutmix=0.0)
+                    repeated_aug=1)
+  config.mix.update(mixup=0.0, cutmix=0.0)
   config.batch_size = 64
   config.eval_batch_size = 100
   config.num_epochs = arg.epochs

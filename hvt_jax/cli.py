@@ -8,6 +8,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from hvt_jax import defaults
 from hvt_jax.errors import UserError
 
 
@@ -35,6 +36,21 @@ def flag_error_line(e: flags.Error) -> str:
   if lines and lines[0].startswith('Failed loading config file'):
     return f'cannot load the config file: {lines[-1]}'
   return ' '.join(lines)
+
+
+def override_error_line(e: Exception, argv: list[str]) -> str:
+  """One line for a `--config.key=value` naming no key: the new name of a moved key, else the
+  unknown key (config_flags raises AttributeError or KeyError, with a traceback)."""
+  overrides = [a.split('=')[0].removeprefix('--config.') for a in argv if a.startswith('--config.')]
+  for key in overrides:
+    if key in defaults.MOVED_KEYS:
+      return f'config key {key} moved: use --config.{defaults.MOVED_KEYS[key]}'
+  detail = e
+  while isinstance(detail, BaseException) and detail.args:  # AttributeError wraps a KeyError
+    detail = detail.args[0]
+  missing, _, hint = str(detail).strip(chr(34)).partition('\n')  # hint: "Did you mean ...?"
+  given = ', '.join(f'--config.{key}' for key in overrides)
+  return f'no config key {missing} (in {given}); {hint or "the config file lists the valid keys."}'
 
 
 def config(name: str = 'config'):
@@ -85,9 +101,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     except flags.Error as e:
       sys.exit(f'{tool}: error: {flag_error_line(e)}')
     except (AttributeError, KeyError) as e:  # config_flags: an override names no existing key
-      overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-      sys.exit(f'{tool}: error: no config key {str(e).strip(chr(34))} (in {", ".join(overrides)}); '
-               'the config file lists the valid keys.')
+      sys.exit(f'{tool}: error: {override_error_line(e, argv)}')
 
   app.run(wrapped, flags_parser=parse_flags)
 

@@ -3,18 +3,39 @@
 Config files in `configs/` start from `train_config()` and change what differs.
 The returned config is locked by `main.py`, so a mistyped `--config.x=y` is an
 error instead of a silently ignored setting.
+
+The image settings come in three groups, one per place they act:
+  aug   the host-side train transforms (tf.data: crop, flip, RandAugment, erasing, repeats);
+  mix   the on-device batch mixing and the loss targets (Mixup, CutMix, label smoothing);
+  eval  the model's input transform: eval crop and resize, and the normalization `mean`/`std`.
+`eval.mean` and `eval.std` are the one definition of the normalization: the train transform
+reads them too, since they describe what a model's inputs look like rather than an
+augmentation. `eval_transform` turns the `eval` group into the dict saved with every model
+('preprocess'), which predict and the input pipeline pass to `preprocess.eval_image`;
+without a config, it gives the recipe's ImageNet transform (`IMAGENET_EVAL`).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The recipe's eval transform on ImageNet (DeiT/timm): resize the shorter side to
+# image_size / crop_pct (256 for 224), center crop, bicubic; mean/std of pixels scaled to [0, 1].
+IMAGENET_EVAL = dict(crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+# Keys that moved to another group: old -> new (the command line names the new one).
+MOVED_KEYS = {
+    **{f'aug.{k}': f'mix.{k}' for k in ('mixup', 'cutmix', 'mix_prob', 'switch_prob',
+                                        'label_smoothing')},
+    'aug.mean': 'eval.mean', 'aug.std': 'eval.std', 'aug.eval_crop_pct': 'eval.crop_pct',
+}
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -25,8 +46,11 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.data = dict(
       name='imagenet2012',  # a TFDS image-classification dataset, or 'hvt_digits' (offline demo)
-      data_dir=None,  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-      manual_dir=None,  # imagenet2012's two tars; None: <data_dir>/downloads/manual
+      # Typed placeholders, None by default, so that --config.data.data_dir=DIR can set them (a
+      # plain None cannot be overridden). data_dir: TFDS's, None: $TFDS_DATA_DIR or
+      # ~/tensorflow_datasets; manual_dir: the ImageNet tars, None: <data_dir>/downloads/manual.
+      data_dir=config_dict.placeholder(str),
+      manual_dir=config_dict.placeholder(str),
       train_split='train',
       eval_split='validation',
       shuffle_buffer=25_000,  # examples per process, shuffled before decoding
@@ -42,15 +66,17 @@ def train_config() -> ml_collections.ConfigDict:
       randaugment='rand-m9-mstd0.5-inc1',  # timm-style spec; '' turns it off
       random_erase=0.25,  # probability, pixel mode
       repeated_aug=3,  # each image appears this many times per epoch, differently augmented; 1: off
+  )
+  c.mix = dict(  # on device, inside the train step (data/mixup.py)
       mixup=0.8,  # alpha; 0: off
       cutmix=1.0,  # alpha; 0: off
       mix_prob=1.0,  # probability of mixing a batch at all
       switch_prob=0.5,  # probability of cutmix instead of mixup when both are on
       label_smoothing=0.1,
-      mean=IMAGENET_MEAN,  # of pixels scaled to [0, 1]
-      std=IMAGENET_STD,
-      eval_crop_pct=0.875,  # eval: resize shorter side to image_size / crop_pct, center crop
   )
+  # crop_pct: resize the shorter side to image_size / crop_pct, then center crop; mean and std
+  # normalize the train images too.
+  c.eval = dict(IMAGENET_EVAL)
 
   c.batch_size = 1024  # global, over all processes
   c.eval_batch_size = 1024
@@ -81,10 +107,29 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
-def eval_preprocess(aug) -> dict[str, Any]:
-  """The eval transform's settings, saved with a model so predictions use the same ones."""
-  return dict(crop_pct=float(aug.eval_crop_pct), interpolation=str(aug.interpolation),
-              mean=[float(m) for m in aug.mean], std=[float(s) for s in aug.std])
+def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config saved as JSON (a workdir's config.json) by a version that kept the mixing, loss
+  and eval settings in `aug`, regrouped as today, so that its run can still be resumed."""
+  if 'aug' not in saved or 'mix' in saved:
+    return saved
+  aug = dict(saved['aug'])
+  # aug.interpolation served train and eval alike.
+  regrouped = {'mix': {}, 'eval': {'interpolation': aug.get('interpolation')}}
+  for old, new in MOVED_KEYS.items():
+    (_, old_key), (group, key) = old.split('.'), new.split('.')
+    if old_key in aug:
+      regrouped[group][key] = aug.pop(old_key)
+  return {**saved, 'aug': aug, **regrouped}
+
+
+def eval_transform(eval_group=None) -> dict[str, Any]:
+  """The eval transform as saved with a model ('preprocess') and passed to `eval_image`.
+
+  `eval_group`: a config's `eval` (a ConfigDict or dict); None: the recipe's ImageNet one.
+  """
+  e = IMAGENET_EVAL if eval_group is None else eval_group
+  return dict(crop_pct=float(e['crop_pct']), interpolation=str(e['interpolation']),
+              mean=[float(m) for m in e['mean']], std=[float(s) for s in e['std']])
 
 
 # Per dataset: class count and the split to evaluate on. Other TFDS datasets work too, by
@@ -109,7 +154,8 @@ def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.
 def use_recipe(config: ml_collections.ConfigDict, recipe: str) -> ml_collections.ConfigDict:
   """'paper': the defaults above. 'plain': same schedule, crop + flip + label smoothing only."""
   if recipe == 'plain':
-    config.aug.update(randaugment='', random_erase=0.0, repeated_aug=1, mixup=0.0, cutmix=0.0)
+    config.aug.update(randaugment='', random_erase=0.0, repeated_aug=1)
+    config.mix.update(mixup=0.0, cutmix=0.0)
   elif recipe != 'paper':
     raise UserError(f'recipe={recipe!r}: choose paper or plain.')
   return config

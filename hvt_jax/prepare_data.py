@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from hvt_jax import cli, defaults
+from hvt_jax import cli
 from hvt_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -29,10 +29,9 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  config = defaults.train_config()
-  config.data.update(name=FLAGS.dataset, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir)
-  b = datasets.builder(config, setting='--dataset')
-  where, manual = datasets.data_dir(config), datasets.manual_dir(config)
+  b = datasets.builder(FLAGS.dataset, FLAGS.data_dir, setting='--dataset')
+  where = datasets.resolve_data_dir(FLAGS.data_dir)
+  manual = datasets.resolve_manual_dir(FLAGS.manual_dir, FLAGS.data_dir)
   if b.is_prepared():
     print(f'{b.name} is already prepared in {b.data_dir}.')
   else:

@@ -1,9 +1,12 @@
 import importlib.util
+import json
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
 from conftest import REPO
-from hvt_jax import defaults
+from hvt_jax import cli, defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
@@ -37,7 +40,11 @@ def test_paper_recipe_is_the_default():
   assert (config.optim.lr, config.optim.lr_base_batch, config.optim.warmup_epochs) == (5e-4, 512, 5)
   assert (config.aug.randaugment, config.aug.random_erase, config.aug.repeated_aug) == (
       'rand-m9-mstd0.5-inc1', 0.25, 3)
-  assert (config.aug.mixup, config.aug.cutmix, config.aug.label_smoothing) == (0.8, 1.0, 0.1)
+  assert (config.mix.mixup, config.mix.cutmix, config.mix.label_smoothing) == (0.8, 1.0, 0.1)
+  assert (config.mix.mix_prob, config.mix.switch_prob) == (1.0, 0.5)
+  assert defaults.eval_transform(config.eval) == defaults.eval_transform() == dict(
+      crop_pct=0.875, interpolation='bicubic', mean=[0.485, 0.456, 0.406],
+      std=[0.229, 0.224, 0.225])
   assert config.ema_decay == 0.99996 and config.model.drop_path == 0.1
 
 
@@ -46,7 +53,8 @@ def test_dataset_and_recipe_args():
   assert (config.data.name, config.model.num_classes, config.data.eval_split) == (
       'cifar100', 100, 'test')
   assert config.num_epochs == 100 and config.model.pool_every == 6
-  assert (config.aug.randaugment, config.aug.mixup, config.aug.repeated_aug) == ('', 0.0, 1)
+  assert (config.aug.randaugment, config.mix.mixup, config.aug.repeated_aug) == ('', 0.0, 1)
+  assert config.mix.cutmix == 0.0
   assert get_config('demo').data.name == 'hvt_digits'
 
 
@@ -68,3 +76,89 @@ def test_every_key_a_config_file_sets_exists_in_the_defaults():
   base = keys(defaults.train_config())
   for name in ('hvt_s', 'hvt_ti', 'demo'):
     assert keys(get_config(name)) == base, name
+
+
+# Every shipped config, with its arguments where they change the key set or value types.
+SHIPPED = ['configs/demo.py', 'configs/hvt_s.py', 'configs/hvt_s.py:stages=0,recipe=plain',
+           'configs/hvt_ti.py', 'configs/hvt_ti.py:model=deit-ti,data=cifar100',
+           'tests/tiny_config.py']
+
+
+def parse(spec, *overrides):
+  """The config `python -m hvt_jax.main --config=spec *overrides` trains with."""
+  argv = ['main', f'--config={REPO / spec}', *overrides]
+  values = flags.FlagValues()
+  # As main.py defines it; config_flags finds the overrides in argv (else in sys.argv).
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def leaves(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from leaves(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key, value
+
+
+def other(value):
+  """A value of the same form that differs from `value`; None stands for a str placeholder."""
+  if value is None:
+    return '/tmp/elsewhere'
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1 if isinstance(value, int) else value + 0.5
+  if isinstance(value, str):
+    return value + '_x'
+  assert isinstance(value, tuple), value
+  return tuple(other(v) for v in value)
+
+
+@pytest.mark.parametrize('spec', SHIPPED)
+def test_every_leaf_key_can_be_set_from_the_command_line(spec):
+  config = parse(spec)
+  wanted = {key: other(value) for key, value in leaves(config.to_dict())}
+  assert {'data.data_dir', 'data.manual_dir', 'eval.mean', 'mix.mixup', 'mesh'} <= set(wanted)
+  args = [f'--config.{key}={value if isinstance(value, str) else repr(value)}'
+          for key, value in wanted.items()]
+  changed = dict(leaves(parse(spec, *args).to_dict()))
+  assert changed == wanted
+  # ... and the config still saves as the workdir's config.json does.
+  assert json.loads(parse(spec, *args).to_json_best_effort())['data']['data_dir'] == (
+      '/tmp/elsewhere')
+
+
+def test_old_keys_name_their_new_place():
+  for old, new in defaults.MOVED_KEYS.items():
+    with pytest.raises((AttributeError, KeyError)) as e:  # what cli.run turns into one line
+      parse('tests/tiny_config.py', f'--config.{old}=1')
+    argv = ['main', '--config=tests/tiny_config.py', f'--config.{old}=1']
+    assert cli.override_error_line(e.value, argv) == f'config key {old} moved: use --config.{new}'
+    assert parse('tests/tiny_config.py', f'--config.{new}=1')  # the new key exists
+  assert len(defaults.MOVED_KEYS) == 8
+  with pytest.raises((AttributeError, KeyError)) as e:
+    parse('tests/tiny_config.py', '--config.mix.mixupp=1')
+  assert cli.override_error_line(e.value, ['main', '--config.mix.mixupp=1']) == (
+      "no config key 'mixupp' (in --config.mix.mixupp); Did you mean \"mixup\" instead of "
+      '"mixupp"?')
+  with pytest.raises((AttributeError, KeyError)) as e:
+    parse('tests/tiny_config.py', '--config.mix.zzz=1')
+  assert cli.override_error_line(e.value, ['main', '--config.mix.zzz=1']) == (
+      "no config key 'zzz' (in --config.mix.zzz); the config file lists the valid keys.")
+
+
+def test_a_workdir_of_the_old_layout_still_resumes(tmp_path):
+  from hvt_jax.training import loop
+  config = get_config('demo')
+  new = json.loads(config.to_json_best_effort())
+  old = {**new, 'aug': {**new['aug'], **new['mix'], 'mean': new['eval']['mean'],
+                        'std': new['eval']['std'], 'eval_crop_pct': new['eval']['crop_pct']}}
+  del old['mix'], old['eval']
+  (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(old))
+  loop.check_or_write_config(str(tmp_path), config)  # same run: no error
+  config.mix.label_smoothing = 0.2
+  with pytest.raises(loop.TrainError, match='different mix;'):
+    loop.check_or_write_config(str(tmp_path), config)

@@ -34,7 +34,10 @@ def load(data_dir, split):
 def test_digits_sizes_and_classes(digits_dir):
   config = make_config('hvt_digits', digits_dir, eval_split='test')
   config.model.num_classes = 10
-  assert datasets.dataset_info(config) == (1497, 300, 10)
+  dataset = datasets.open_dataset(config)
+  assert (dataset.num_train, dataset.num_eval, len(dataset.class_names)) == (1497, 300, 10)
+  assert dataset.class_names == tuple(str(i) for i in range(10))
+  assert dataset.builder.is_prepared() and dataset.builder.data_dir.startswith(digits_dir)
   test = load(digits_dir, 'test')
   assert test['image'].shape == (300, 32, 32, 3) and test['image'].dtype == np.uint8
   assert all(28 <= n <= 32 for n in np.bincount(test['label']))  # stratified: ~30 per class
@@ -42,6 +45,20 @@ def test_digits_sizes_and_classes(digits_dir):
   assert np.abs(test['image'].astype(int) - test['image'][..., :1]).max() <= 3
   low, high = np.percentile(test['image'], [10, 90])
   assert low < 10 and high > 200
+
+
+def test_model_meta_comes_from_the_opened_dataset(digits_dir):
+  from hvt_jax import model as model_lib
+  from hvt_jax.training import loop
+  config = make_config('hvt_digits', digits_dir, eval_split='test')
+  config.model.num_classes = 10
+  config.eval.crop_pct = 0.5
+  meta = loop.model_meta(config, model_lib.HVT(**config.model), datasets.open_dataset(config))
+  assert meta['class_names'] == [str(i) for i in range(10)]
+  assert meta['preprocess'] == defaults.eval_transform(config.eval) == dict(
+      crop_pct=0.5, interpolation='bicubic', mean=list(defaults.IMAGENET_MEAN),
+      std=list(defaults.IMAGENET_STD))
+  assert meta['model'] == dict(config.model) and meta['dataset'] == 'hvt_digits'
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -64,20 +81,20 @@ def test_digits_are_learnable(digits_dir):
 def test_num_classes_mismatch(digits_dir):
   config = make_config('hvt_digits', digits_dir, eval_split='test')  # model: 1000 classes
   with pytest.raises(datasets.DataError, match=r'set --config.model.num_classes=10\.$'):
-    datasets.dataset_info(config)
+    datasets.open_dataset(config)
 
 
 def test_bad_split(digits_dir):
   config = make_config('hvt_digits', digits_dir)  # default eval split: validation
   with pytest.raises(datasets.DataError) as e:
-    datasets.dataset_info(config)
+    datasets.open_dataset(config)
   assert "hvt_digits has no split 'validation' (its splits: " in str(e.value)
   assert '--config.data.eval_split' in str(e.value) and '\n' not in str(e.value)
 
 
 def test_unknown_dataset(tmp_path):
   with pytest.raises(datasets.DataError) as e:
-    datasets.builder(make_config('imagenet2013', tmp_path))
+    datasets.builder('imagenet2013', str(tmp_path))
   assert str(e.value) == ("unknown dataset 'imagenet2013': set --config.data.name to a TFDS "
                           'image classification dataset, e.g. imagenet2012, cifar100 or '
                           'hvt_digits.')

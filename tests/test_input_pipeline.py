@@ -56,15 +56,26 @@ def take(iterator, n):
 
 
 def ids_of(batches, config):
-  return np.concatenate([fake_imagenet.decode_ids(b['image'], config.aug.mean, config.aug.std)
+  return np.concatenate([fake_imagenet.decode_ids(b['image'], config.eval.mean, config.eval.std)
                          for b in batches])
 
 
 def test_prepared_sizes(imagenet):
   data_dir, expected = imagenet
   config = make_config(data_dir)
-  assert datasets.dataset_info(config) == (48, 29, 1000)
+  dataset = datasets.open_dataset(config)
+  assert (dataset.num_train, dataset.num_eval, len(dataset.class_names)) == (48, 29, 1000)
   assert tfds.builder('imagenet2012', data_dir=data_dir).info.splits['train'].num_shards == 3
+
+
+def test_iterators_read_the_dataset_the_run_opened(imagenet, mesh, monkeypatch):
+  config = make_config(imagenet[0])
+  dataset = datasets.open_dataset(config)
+  monkeypatch.setattr(datasets, 'open_dataset', lambda c: pytest.fail('opened a second time'))
+  monkeypatch.setattr(datasets, 'ensure_prepared', lambda c: pytest.fail('opened a second time'))
+  assert next(input_pipeline.train_iterator(config, mesh, dataset=dataset))['image'].shape == (
+      8, SIZE, SIZE, 3)
+  assert input_pipeline.eval_iterator(config, mesh, dataset=dataset).num_examples == 29
 
 
 def test_full_recipe_batches(imagenet, mesh):
@@ -82,7 +93,7 @@ def test_values_ids_and_labels(imagenet, mesh):
   data_dir, expected = imagenet
   config = make_config(data_dir)
   batches = take(input_pipeline.train_iterator(config, mesh), 6)  # 48 = one epoch
-  mean, std = np.array(config.aug.mean), np.array(config.aug.std)
+  mean, std = np.array(config.eval.mean), np.array(config.eval.std)
   images = np.stack([b['image'] for b in batches])
   assert images.min() >= (-mean / std).min() - 1e-5
   assert images.max() <= ((1 - mean) / std).max() + 1e-5
@@ -179,7 +190,7 @@ def test_eval_sees_every_example_once(imagenet, mesh, count):
       assert b['image'].shape == (8 // count, SIZE, SIZE, 3) and b['mask'].shape == (8 // count,)
       keep = b['mask'] == 1
       assert np.all(b['image'][~keep] == 0)
-      seen.extend(fake_imagenet.decode_ids(b['image'][keep], config.aug.mean, config.aug.std))
+      seen.extend(fake_imagenet.decode_ids(b['image'][keep], config.eval.mean, config.eval.std))
       labels.extend(b['label'][keep])
   assert len(lengths) == 1  # every process the same number of batches
   assert sorted(seen) == sorted(expected['validation'])  # 29 = none missing, none twice
@@ -278,5 +289,5 @@ def test_eval_with_more_processes_than_examples(imagenet, mesh):
     assert len(batches) == 1
     keep = np.asarray(batches[0]['mask']) == 1
     seen.extend(fake_imagenet.decode_ids(np.asarray(batches[0]['image'])[keep],
-                                         config.aug.mean, config.aug.std))
+                                         config.eval.mean, config.eval.std))
   assert len(seen) == len(set(seen)) == 3 and set(seen) <= set(expected['validation'])

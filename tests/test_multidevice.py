@@ -25,7 +25,7 @@ config.model = model_lib.variant('hvt-s-1', image_size=16, patch_size=4, num_hea
                                  drop_path=0.1)
 config.batch_size = 16
 config.optim.update(lr=1e-3, warmup_epochs=0)
-config.aug.update(mixup=0.8, cutmix=1.0)
+config.mix.update(mixup=0.8, cutmix=1.0)
 model = model_lib.HVT(**config.model)
 rng = np.random.default_rng(0)
 images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)

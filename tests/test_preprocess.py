@@ -24,6 +24,7 @@ def _aug(**overrides):
 
 MEAN = np.array(defaults.IMAGENET_MEAN, np.float32)
 STD = np.array(defaults.IMAGENET_STD, np.float32)
+NORM = dict(mean=defaults.IMAGENET_MEAN, std=defaults.IMAGENET_STD)  # as config.eval has it
 
 
 def _photo(height, width, seed=0):
@@ -60,7 +61,7 @@ def train_fn():
     if key not in cache:
       aug = _aug(**overrides)
       cache[key] = tf.function(
-          lambda im, s: preprocess.train_image(im, s, size=SIZE, aug=aug), autograph=False,
+          lambda im, s: preprocess.train_image(im, s, size=SIZE, aug=aug, **NORM), autograph=False,
           input_signature=[image_spec, tf.TensorSpec([2], seed.dtype)])
     return cache[key](image, seed).numpy()
 
@@ -203,7 +204,7 @@ def test_random_erasing_rate_box_and_noise():
   base = (90 / 255 - MEAN) / STD
   ds = tf.data.Dataset.range(count).map(
       lambda i: preprocess.train_image(gray, tf.stack([i, tf.constant(4, tf.int64)]), size=size,
-                                       aug=aug), num_parallel_calls=2)
+                                       aug=aug, **NORM), num_parallel_calls=2)
   erased_images, noise = 0, []
   for out in ds.as_numpy_iterator():
     mask = np.any(np.abs(out - base) > 1e-6, axis=-1)
@@ -291,7 +292,7 @@ def test_train_image_in_parallel_dataset_map_matches_direct_calls(train_fn):
   aug = _aug()
   ds = tf.data.Dataset.from_tensor_slices(images).enumerate().map(
       lambda i, x: (i, preprocess.train_image(x, tf.stack([i, tf.constant(99, tf.int64)]),
-                                              size=SIZE, aug=aug)),
+                                              size=SIZE, aug=aug, **NORM)),
       num_parallel_calls=3, deterministic=False)
   for i, out in ds.as_numpy_iterator():
     # Graph optimizations may fuse the normalization differently: last-bit differences only.
@@ -305,7 +306,7 @@ def test_train_image_in_parallel_dataset_map_matches_direct_calls(train_fn):
 ])
 def test_bad_train_settings_are_user_errors(overrides):
   with pytest.raises(UserError):
-    preprocess.train_image(_photo(20, 20), _seed(0), size=SIZE, aug=_aug(**overrides))
+    preprocess.train_image(_photo(20, 20), _seed(0), size=SIZE, aug=_aug(**overrides), **NORM)
 
 
 @pytest.mark.parametrize('crop_pct, interpolation', [(0.0, 'bicubic'), (1.2, 'bicubic'),

@@ -7,6 +7,7 @@ tars, which a user must fetch from image-net.org, in the manual dir.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tarfile
 
@@ -25,15 +26,16 @@ class DataError(UserError):
   """A dataset that is missing, unknown or unusable; the message says what to do."""
 
 
-def data_dir(config: ml_collections.ConfigDict) -> str:
-  return os.path.expanduser(config.data.data_dir or os.environ.get('TFDS_DATA_DIR')
+def resolve_data_dir(data_dir: str | None) -> str:
+  """The TFDS data dir: `data_dir` if set, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR')
                             or '~/tensorflow_datasets')
 
 
-def manual_dir(config: ml_collections.ConfigDict) -> str:
+def resolve_manual_dir(manual_dir: str | None, data_dir: str | None) -> str:
   """Where manually downloaded files go; TFDS's own default is the same path."""
-  return os.path.expanduser(config.data.get('manual_dir')
-                            or os.path.join(data_dir(config), 'downloads', 'manual'))
+  return os.path.expanduser(manual_dir
+                            or os.path.join(resolve_data_dir(data_dir), 'downloads', 'manual'))
 
 
 def prepare_command(name: str, data_dir_: str, manual_dir_: str | None = None) -> str:
@@ -41,15 +43,14 @@ def prepare_command(name: str, data_dir_: str, manual_dir_: str | None = None) -
   return f'python -m hvt_jax.prepare_data --dataset={name} --data_dir={data_dir_}{manual}'
 
 
-def builder(config: ml_collections.ConfigDict,
+def builder(name: str, data_dir: str | None = None,
             setting: str = '--config.data.name') -> tfds.core.DatasetBuilder:
-  """The TFDS builder for `config.data.name` in the config's data dir (prepared or not).
+  """The TFDS builder for dataset `name` in `data_dir` (resolved as above; prepared or not).
 
   `setting`: how the user chose the name, for error messages.
   """
-  name = config.data.name
   try:
-    b = tfds.builder(name, data_dir=data_dir(config))
+    b = tfds.builder(name, data_dir=resolve_data_dir(data_dir))
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f'unknown dataset {name!r}: set {setting} to a TFDS image '
                     'classification dataset, e.g. imagenet2012, cifar100 or hvt_digits.') from None
@@ -99,14 +100,16 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   With several processes, preparing is left to `prepare_data` (one writer), since every
   process writing the same data dir at once would clash.
   """
-  b = builder(config)
+  data = config.data
+  b = builder(data.name, data.data_dir)
   if b.is_prepared():
     return b
+  where = resolve_data_dir(data.data_dir)
   if jax.process_count() > 1:
-    raise DataError(f'{b.name} is not prepared in {data_dir(config)}: prepare it once from one '
-                    f'machine with `{prepare_command(b.name, data_dir(config))}` before a '
+    raise DataError(f'{b.name} is not prepared in {where}: prepare it once from one '
+                    f'machine with `{prepare_command(b.name, where)}` before a '
                     'multi-process run.')
-  prepare(b, data_dir(config), manual_dir(config))
+  prepare(b, where, resolve_manual_dir(data.manual_dir, data.data_dir))
   return b
 
 
@@ -122,13 +125,23 @@ def check_split(b: tfds.core.DatasetBuilder, split: str, key: str) -> int:
   return n
 
 
-def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(num_train, num_eval, num_classes), preparing the dataset if needed."""
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A run's dataset, opened once (`open_dataset`) and shared by the input and the model files."""
+  builder: tfds.core.DatasetBuilder  # prepared
+  num_train: int  # examples in config.data.train_split
+  num_eval: int  # examples in config.data.eval_split
+  class_names: tuple[str, ...]  # in label order
+
+
+def open_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The config's dataset, prepared if needed, with its splits and class count checked."""
   b = ensure_prepared(config)
   num_train = check_split(b, config.data.train_split, 'data.train_split')
   num_eval = check_split(b, config.data.eval_split, 'data.eval_split')
-  num_classes = b.info.features['label'].num_classes
-  if num_classes != config.model.num_classes:
-    raise DataError(f'{b.name} has {num_classes} classes but the model has '
-                    f'{config.model.num_classes}: set --config.model.num_classes={num_classes}.')
-  return num_train, num_eval, num_classes
+  label = b.info.features['label']
+  if label.num_classes != config.model.num_classes:
+    raise DataError(f'{b.name} has {label.num_classes} classes but the model has '
+                    f'{config.model.num_classes}: set '
+                    f'--config.model.num_classes={label.num_classes}.')
+  return Dataset(b, num_train, num_eval, tuple(label.names))

@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from hvt_jax import defaults
 from hvt_jax.data import datasets, preprocess
 from hvt_jax.training import sharding
 from hvt_jax.errors import UserError
@@ -158,7 +159,8 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
 
   def augment(epoch, position, record):
     key = _key(config.seed, process_index, epoch, _AUGMENT, position)
-    image = preprocess.train_image(record['image'], key, size=size, aug=config.aug)
+    image = preprocess.train_image(record['image'], key, size=size, aug=config.aug,
+                                   mean=config.eval.mean, std=config.eval.std)
     return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
 
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
@@ -171,12 +173,10 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
 def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
                  local_batch: int) -> tf.data.Dataset:
   """One pass of local batches {'image', 'label'}; the last one may be short."""
-  aug = config.aug
+  transform = defaults.eval_transform(config.eval)
 
   def prepare(record):
-    image = preprocess.eval_image(
-        record['image'], size=config.model.image_size, crop_pct=aug.eval_crop_pct,
-        interpolation=aug.interpolation, mean=tuple(aug.mean), std=tuple(aug.std))
+    image = preprocess.eval_image(record['image'], size=config.model.image_size, **transform)
     return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
 
   ds = source.read(None)
@@ -270,19 +270,20 @@ def _resume_step(state: dict[str, Any] | None, config: ml_collections.ConfigDict
 
 
 def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   state: dict[str, Any] | None = None, *, process_index: int | None = None,
+                   state: dict[str, Any] | None = None, *,
+                   dataset: datasets.Dataset | None = None, process_index: int | None = None,
                    process_count: int | None = None) -> TrainIterator:
   """Endless {'image': float32 (B, S, S, 3), 'label': int32 (B,)} global batches.
 
   `state`: a `.state` saved from an earlier iterator, to continue exactly where it stopped.
+  `dataset`: the run's opened dataset; None opens the config's (`datasets.open_dataset`).
   `process_index` / `process_count` override JAX's, to act as one of several processes (tests,
   tools); the arrays then hold just that process's rows.
   """
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.batch_size, mesh, count)
-  b = datasets.ensure_prepared(config)
-  datasets.check_split(b, config.data.train_split, 'data.train_split')
-  source = tfds_source(b, process_split(config.data.train_split, index, count),
+  dataset = dataset or datasets.open_dataset(config)
+  source = tfds_source(dataset.builder, process_split(config.data.train_split, index, count),
                        cache=config.data.cache)
   step, start = _resume_step(state, config, count)
   ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start)
@@ -326,14 +327,17 @@ class EvalIterator:
 
 
 def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-                  process_index: int | None = None,
+                  dataset: datasets.Dataset | None = None, process_index: int | None = None,
                   process_count: int | None = None) -> EvalIterator:
-  """Every example of `config.data.eval_split` exactly once per pass, over all processes."""
+  """Every example of `config.data.eval_split` exactly once per pass, over all processes.
+
+  `dataset`: the run's opened dataset; None opens the config's (`datasets.open_dataset`).
+  """
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.eval_batch_size, mesh, count, 'eval_batch_size')
-  b = datasets.ensure_prepared(config)
-  total = datasets.check_split(b, config.data.eval_split, 'data.eval_split')
-  source = tfds_source(b, process_split(config.data.eval_split, index, count),
+  dataset = dataset or datasets.open_dataset(config)
+  total = dataset.num_eval
+  source = tfds_source(dataset.builder, process_split(config.data.eval_split, index, count),
                        cache=config.data.cache)
   # even_splits gives the first (total % count) processes one extra example.
   num_batches = math.ceil(math.ceil(total / count) / local_batch)

@@ -14,11 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-
-
-def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-  off = label_smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - label_smoothing) + off
+import optax
 
 
 def cutmix_box(rng: jax.Array, height: int, width: int,
@@ -50,7 +46,8 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: in
   `mixup` / `cutmix`: Beta alphas, 0 turns each off; with both off, or `mix_prob` 0, the images
   pass unchanged and the targets are the smoothed one-hot labels.
   """
-  targets = smooth_one_hot(labels, num_classes, label_smoothing)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+                                label_smoothing)
   if (mixup <= 0 and cutmix <= 0) or mix_prob <= 0:
     return images, targets
 
@@ -78,8 +75,8 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: in
 
 def mix_from_config(rng: jax.Array, batch: dict[str, jax.Array],
                     config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-  """`mix` with the settings of `config.aug` and `config.model.num_classes`."""
-  aug = config.aug
+  """`mix` with the settings of `config.mix` and `config.model.num_classes`."""
+  m = config.mix
   return mix(rng, batch['image'], batch['label'], num_classes=config.model.num_classes,
-             mixup=float(aug.mixup), cutmix=float(aug.cutmix), mix_prob=float(aug.mix_prob),
-             switch_prob=float(aug.switch_prob), label_smoothing=float(aug.label_smoothing))
+             mixup=float(m.mixup), cutmix=float(m.cutmix), mix_prob=float(m.mix_prob),
+             switch_prob=float(m.switch_prob), label_smoothing=float(m.label_smoothing))

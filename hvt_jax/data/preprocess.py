@@ -35,10 +35,12 @@ class AugmentConfigError(UserError):
 
 # Plain TF throughout: AutoGraph would only add seconds of tracing in tf.data and tf.function.
 @tf.autograph.experimental.do_not_convert
-def train_image(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.Tensor:
+def train_image(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any,
+                mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """Random-resized crop, flip, RandAugment, normalize, random erasing: timm's order.
 
   `seed`: shape (2,) int32/int64. `aug`: the config's `aug` section (a ConfigDict or dict).
+  `mean`, `std`: the normalization, the same as the eval transform's (`config.eval`).
   """
   _check_interpolation(aug['interpolation'])
   _check_range('crop_scale', aug['crop_scale'], upper=1.0)
@@ -62,9 +64,9 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf
     x = tf.cond(flipped, lambda: tf.reverse(x, axis=[1]), lambda: x)
   if spec:
     # DeiT fills rotate/shear/translate with the dataset mean in 0..255.
-    fill = tuple(min(255, round(255 * m)) for m in aug['mean'])
+    fill = tuple(min(255, round(255 * m)) for m in mean)
     x = randaugment.rand_augment(x, ra_seed, spec, fill=fill)
-  x = normalize(x, aug['mean'], aug['std'])
+  x = normalize(x, mean, std)
   if aug['random_erase'] > 0:
     x = random_erase(x, erase_seed, aug['random_erase'])
   return tf.ensure_shape(x, [size, size, 3])

@@ -126,7 +126,7 @@ def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
   model = model_lib.HVT(**config)
   params = to_flax(sd, config)
   # The official models were evaluated with the recipe's ImageNet transform.
-  preprocess = defaults.eval_preprocess(defaults.train_config().aug)
+  preprocess = defaults.eval_transform()
   return checkpoint.save_model(output, model, params, source=f'converted from {pytorch_path}',
                                preprocess=preprocess)
 

@@ -65,7 +65,7 @@ def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 
   meta = checkpoint.read_meta(model_path)
   # For a workdir, the weights of the step the metadata came from.
   model, params = checkpoint.load(model_path, step=meta.get('step'), ema=ema)
-  settings = meta.get('preprocess') or defaults.eval_preprocess(defaults.train_config().aug)
+  settings = meta.get('preprocess') or defaults.eval_transform()
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))
   for start in range(0, len(paths), batch):

@@ -188,6 +188,8 @@ class HVT(nn.Module):
   before the pool (`blocks_{i}/before_pool`), the last block's tokens
   (`final_tokens`) and the features before the head (`pre_logits`);
   `stage_features` collects them per stage.
+
+  Settings no model can have (see `tokens_per_block`) raise ConfigError when the HVT is built.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -205,6 +207,12 @@ class HVT(nn.Module):
   attention_dropout: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters stay float32
 
+  def __post_init__(self):
+    # The one check of a model's settings, wherever they come from (a config, a model dir, a
+    # checkpoint): impossible ones fail here, in words, so every HVT that exists can be built.
+    self.tokens_per_block()
+    super().__post_init__()
+
   def config(self) -> dict[str, Any]:
     """The fields that rebuild this model: `HVT(**model.config())`."""
     return {name: getattr(self, name) for name in model_fields()}
@@ -214,7 +222,6 @@ class HVT(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    self.tokens_per_block()  # fail early, in words, on impossible settings
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ConfigError(f'expected images of shape (batch, {self.image_size}, {self.image_size}, 3) '
                         f'(NHWC), got {tuple(images.shape)}; resize/crop to image_size or set it.')

@@ -45,7 +45,7 @@ def read_model_json(directory: str) -> dict[str, Any]:
   try:
     meta = json.loads(path.read_text())
     config = meta['model']
-    model_lib.HVT(**config).tokens_per_block()
+    model_lib.HVT(**config)  # raises on impossible settings
   except FileNotFoundError:
     raise CheckpointError(f'{directory} has no {MODEL_FILE}: not an hvt_jax model dir.') from None
   except (ValueError, KeyError, TypeError) as e:
@@ -235,7 +235,7 @@ def _step_meta(path: str, step: int | None, best: bool) -> tuple[str, dict[str, 
   step_dir, step = _step_dir(path, step, best)
   try:
     meta = json.loads((epath.Path(step_dir) / 'model' / 'metadata').read_text())
-    model_lib.HVT(**meta['model']).tokens_per_block()
+    model_lib.HVT(**meta['model'])  # raises on impossible settings
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'{step_dir}: the model config is missing or corrupt ({e}).') from None
   return step_dir, {**meta, 'step': step}

@@ -33,7 +33,8 @@ from hvt_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
 # Settings a resumed run must share with the run that saved the checkpoints.
-_MUST_MATCH = ('model', 'batch_size', 'seed', 'num_epochs', 'data.name', 'optim', 'aug', 'ema_decay')
+_MUST_MATCH = ('model', 'batch_size', 'seed', 'num_epochs', 'data.name', 'optim', 'aug', 'mix',
+               'eval', 'ema_decay')
 
 
 class TrainError(UserError):
@@ -51,7 +52,7 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> No
   path = epath.Path(workdir) / CONFIG_FILE
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = defaults.upgrade_saved(json.loads(path.read_text()))
     changed = [k for k in _MUST_MATCH if _lookup(saved, k) != _lookup(current, k)]
     if changed:
       raise TrainError(f'{workdir} holds a run with different {", ".join(changed)}; resume it with '
@@ -122,12 +123,13 @@ def _start_from(state, init_from: str, shardings):
   return state.replace(params=new, ema_params=ema)
 
 
-def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT) -> dict:
+def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT,
+               dataset: datasets.Dataset) -> dict:
   """What travels with the weights: the model, its eval transform and its class names."""
-  names = datasets.builder(config).info.features['label'].names
+  names = list(dataset.class_names)
   if config.data.name == 'imagenet2012':
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
-  return {'model': model.config(), 'preprocess': defaults.eval_preprocess(config.aug),
+  return {'model': model.config(), 'preprocess': defaults.eval_transform(config.eval),
           'class_names': names, 'dataset': config.data.name}
 
 
@@ -149,19 +151,19 @@ class Run:
   total_steps: int
   eval_every: int
   meta: dict  # saved with every checkpoint: model config, eval transform, class names
+  dataset: datasets.Dataset  # opened once, for both iterators
   train_step: Callable
   eval_step: Callable
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
-  model = model_lib.HVT(**config.model)
-  model.tokens_per_block()  # impossible model settings fail here, in words
+  model = model_lib.HVT(**config.model)  # impossible model settings fail here, in words
   mesh = sharding.make_mesh(config.mesh)
-  num_train, _, _ = datasets.dataset_info(config)
-  steps_per_epoch = num_train // config.batch_size
+  dataset = datasets.open_dataset(config)
+  steps_per_epoch = dataset.num_train // config.batch_size
   if steps_per_epoch < 1:
-    raise TrainError(f'batch_size {config.batch_size} exceeds the {num_train} training examples; '
-                     'lower --config.batch_size.')
+    raise TrainError(f'batch_size {config.batch_size} exceeds the {dataset.num_train} training '
+                     'examples; lower --config.batch_size.')
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
@@ -175,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
   run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
-            model_meta(config, model), p_train, p_eval)
+            model_meta(config, model, dataset), dataset, p_train, p_eval)
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   check_or_write_config(workdir, config)
@@ -205,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 
 def _eval_only(run: Run, state, writer) -> train_step.TrainState:
-  results = evaluate(run.eval_step, state, input_pipeline.eval_iterator(run.config, run.mesh))
+  results = evaluate(run.eval_step, state,
+                     input_pipeline.eval_iterator(run.config, run.mesh, dataset=run.dataset))
   step = int(state.step)
   writer.write_scalars(step, results)
   if jax.process_index() == 0:
@@ -221,8 +224,9 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
     writer.write_hparams(dict(_flatten(json.loads(config.to_json_best_effort()))))
   logging.info('Training %s for %d steps (%d per epoch) on %d devices, mesh %s.', run.workdir,
                run.total_steps, run.steps_per_epoch, jax.device_count(), dict(run.mesh.shape))
-  train_batches = input_pipeline.train_iterator(config, run.mesh, state=data_state)
-  eval_batches = input_pipeline.eval_iterator(config, run.mesh)
+  train_batches = input_pipeline.train_iterator(config, run.mesh, state=data_state,
+                                                dataset=run.dataset)
+  eval_batches = input_pipeline.eval_iterator(config, run.mesh, dataset=run.dataset)
   report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   stop = _stop_on_sigterm()

@@ -29,10 +29,6 @@ class TrainState:
   rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step), so resuming replays them
 
 
-def soft_cross_entropy(logits, targets):
-  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
-
-
 def init_state(model: model_lib.HVT, tx: optax.GradientTransformation, rng: jax.Array,
                ema: bool) -> TrainState:
   init_key, step_key = jax.random.split(rng)
@@ -62,7 +58,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
 
   def loss_fn(params):
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})
-    return soft_cross_entropy(logits, targets).mean(), logits
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -87,7 +83,7 @@ def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   k = min(5, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {
       'top1': jnp.sum((top[:, 0] == labels) * mask),
       'top5': jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
