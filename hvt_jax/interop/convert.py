@@ -154,10 +154,14 @@ def read(pytorch_path: str, key: str | None = None) -> tuple[model_lib.HVT, dict
 def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
   """Reads an official checkpoint and writes a model dir; returns its path."""
   model, params = read(pytorch_path, key)
+  return save(output, model, params, source=f'converted from {pytorch_path}')
+
+
+def save(output: str, model: model_lib.HVT, params, **meta) -> str:
+  """A model dir for official weights; `meta` goes into model.json (`source`, ...)."""
   # The official models were evaluated with the recipe's ImageNet transform.
   preprocess = defaults.eval_preprocess(defaults.train_config().aug)
-  return checkpoint.save_model(output, model, params, source=f'converted from {pytorch_path}',
-                               preprocess=preprocess)
+  return checkpoint.save_model(output, model, params, preprocess=preprocess, **meta)
 
 
 FLAGS = flags.FLAGS
