@@ -173,11 +173,12 @@ def _free_port():
 def test_no_server_is_one_line_naming_url_and_path(tmp_path):
   url = f'http://127.0.0.1:{_free_port()}'
   env = dict(os.environ, HVT_JAX_CACHE=str(tmp_path / 'cache'), HVT_JAX_WEIGHTS_URL=url)
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.predict', '--model=hvt-ti-1', 'cat.jpg'],
-                          capture_output=True, text=True, timeout=300, env=env)
+  result = subprocess.run([sys.executable, '-m', 'hvt_jax.export', '--model=hvt-ti-1',
+                           f'--output={tmp_path / "out"}'], capture_output=True, text=True,
+                          timeout=300, env=env)
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
-  assert line.startswith(f'predict: error: cannot download {url}/v1.0/hvt_ti_1.pth (')
+  assert line.startswith(f'export: error: cannot download {url}/v1.0/hvt_ti_1.pth (')
   assert f'put the file at {tmp_path}/cache/downloads/v1.0/hvt_ti_1.pth by hand' in line
   assert not (tmp_path / 'cache' / 'downloads' / 'v1.0' / 'hvt_ti_1.pth').exists()
 

@@ -88,3 +88,33 @@ def reference_logits(sd, x_nchw, num_heads, class_token=False):
   x = _layer_norm(x, sd['norm.weight'], sd['norm.bias'])
   x = x[:, 0] if class_token else x.mean(1)
   return x @ sd['head.weight'].T + sd['head.bias']
+
+
+def official_module(torch, config):
+  """A torch module with the official HVT/DeiT parameter names and shapes (no forward pass), to
+  check that a state dict loads with `load_state_dict(strict=True)`."""
+  from hvt_jax import model as model_lib
+  nn = torch.nn
+  width = config['num_heads'] * config['head_dim']
+  hidden = int(width * config['mlp_ratio'])
+  counts = model_lib.tokens_per_block(**config)
+  model = nn.Module()
+  if config['class_token']:
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+  model.pos_embed = nn.Parameter(torch.zeros(1, counts[0], width))
+  model.patch_embed = nn.Module()
+  model.patch_embed.proj = nn.Conv2d(3, width, config['patch_size'], config['patch_size'])
+  blocks = []
+  for i in range(config['depth']):
+    block = nn.Module()
+    block.norm1, block.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+    block.attn, block.mlp = nn.Module(), nn.Module()
+    block.attn.qkv, block.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+    block.mlp.fc1, block.mlp.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+    if model_lib.pools_at(i, config['pool_every']):
+      block.pos_embed = nn.Parameter(torch.zeros(1, counts[i + 1], width))
+    blocks.append(block)
+  model.blocks = nn.ModuleList(blocks)
+  model.norm = nn.LayerNorm(width, eps=1e-6)
+  model.head = nn.Linear(width, config['num_classes'])
+  return model
