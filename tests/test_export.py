@@ -56,7 +56,8 @@ def test_orbax_from_a_model_dir(model_dirs, tmp_path):
   out = export.export(model_dirs['hvt'], str(tmp_path / 'copy'))
   x = _images()
   np.testing.assert_array_equal(_jax_logits(out, x), _jax_logits(model_dirs['hvt'], x))
-  assert checkpoint.read_model_json(out)['source'].startswith(f'exported {model_dirs["hvt"]} (converted from')
+  source = checkpoint.read_model_json(out)['source']
+  assert source.startswith(f'exported {model_dirs["hvt"]} (converted from')
 
 
 def test_stablehlo_runs_standalone_at_any_batch(model_dirs, tmp_path):

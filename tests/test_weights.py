@@ -84,12 +84,15 @@ def tiny_release(server, tmp_path, monkeypatch):
 
 def _cache_files(tmp_path):
   root = tmp_path / 'cache'
-  return sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file()) if root.exists() else []
+  if not root.exists():
+    return []
+  return sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())
 
 
 def _same_params(a, b):
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
   return jax.tree.structure(a) == jax.tree.structure(b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
 def test_table_agrees_with_the_model_variants():

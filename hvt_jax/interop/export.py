@@ -28,6 +28,7 @@ import os
 import shutil
 
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -79,7 +80,8 @@ def _export(source, output, fmt, *, ema, best, step):
     which = f'{"EMA" if ema else "raw"} weights of step {meta["step"]} of {os.path.abspath(source)}'
   else:
     which = f'{source} ({meta.get("source", "a model dir")})'
-  extra = {k: v for k, v in meta.items() if k not in ('model', 'step', 'source')}  # eval transform, names
+  # Kept: the eval transform, class names, provenance of published weights.
+  extra = {k: v for k, v in meta.items() if k not in ('model', 'step', 'source')}
   write = {'orbax': checkpoint.save_model, 'stablehlo': write_stablehlo,
            'savedmodel': write_savedmodel, 'pytorch': write_pytorch}[fmt]
   return write(output, model, params, **extra, source=f'exported {which}'), model, params
@@ -160,7 +162,12 @@ def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
   module.serve = serve
 
   def fill(tmp):
-    tf.saved_model.save(module, tmp, signatures={'serving_default': serve})
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # TF logs every file it writes at INFO
+    try:
+      tf.saved_model.save(module, tmp, signatures={'serving_default': serve})
+    finally:
+      logging.set_verbosity(verbosity)
     os.makedirs(os.path.join(tmp, 'assets.extra'), exist_ok=True)
     _write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
                 _description(model, 'savedmodel', **meta, platforms=list(PLATFORMS)))
@@ -198,4 +205,5 @@ def main(argv):
   files = [os.path.join(d, f) for d, _, names in os.walk(out) for f in names] or [out]
   size = sum(os.path.getsize(f) for f in files)
   print(f'wrote {out} ({FLAGS.format}, {size / 2**20:.1f} MiB): '
-        f'{model_lib.param_count(params):,} parameters, tokens per block {model.tokens_per_block()}')
+        f'{model_lib.param_count(params):,} parameters of a {model.depth}-block '
+        f'{"DeiT" if model.class_token else "HVT"}')
