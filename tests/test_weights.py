@@ -204,3 +204,14 @@ def test_published_name_end_to_end(server, tmp_path, monkeypatch):
                            str(tmp_path / 'black.png')], capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert len(result.stdout.strip().splitlines()) == 3 and '%' in result.stdout
+
+
+def test_a_file_put_where_the_error_says_is_used(tiny_release, tmp_path, monkeypatch):
+  monkeypatch.setenv('HVT_JAX_WEIGHTS_URL', f'http://127.0.0.1:{_free_port()}')
+  with pytest.raises(weights.WeightsError, match='without network') as error:
+    hvt_jax.load('tiny-1')
+  where = str(error.value).split('put the file at ', 1)[1].split(' by hand')[0]
+  os.makedirs(os.path.dirname(where), exist_ok=True)
+  shutil.copy(tiny_release.root / FILE, where)
+  model, params = hvt_jax.load('tiny-1')
+  assert _same_params(params, convert.read(str(tiny_release.root / FILE))[1])

@@ -151,21 +151,20 @@ def _convert(name: str, pth: str, sha: str, *, source: str, keep_as: str | None 
     what = f'the file at {url(name)} changed' if keep_as else f'{pth} changed'
     raise WeightsError(f'{what} since it was first downloaded (sha256 {record["sha256"]}, now '
                        f'{sha}); if that is intended, remove {shown}.json and run again.')
-  remedy = ('check $HVT_JAX_WEIGHTS_URL; nothing was kept' if keep_as else
-            f'replace or remove {pth}')
+  origin, remedy = ((f'the file from {url(name)}', 'check $HVT_JAX_WEIGHTS_URL; nothing was kept')
+                    if keep_as else (pth, f'replace or remove {pth}'))
   try:
     model, params = convert.read(pth)
   except UserError as e:
-    raise WeightsError(f'the file from {url(name)} is not {name}\'s published weights ({e}); '
-                       f'{remedy}.') from None
+    raise WeightsError(f'{origin} is not {name}\'s published weights ({e}); {remedy}.') from None
   count = model_lib.param_count(params)
   if count != published.params:
-    raise WeightsError(f'the file from {url(name)} holds a model of {count:,} parameters, but '
-                       f'{name} has {published.params:,}; {remedy}.')
+    raise WeightsError(f'{origin} holds a model of {count:,} parameters, but {name} has '
+                       f'{published.params:,}; {remedy}.')
   if keep_as:
     os.replace(pth, keep_as)
   _write_record(keep_as or pth, dict(sha256=sha, url=url(name)))
-  print(f'{name}: converting {keep_as or pth} into {model_path(name)}', file=sys.stderr)
+  print(f'{name}: saving the converted model to {model_path(name)}', file=sys.stderr)
   try:
     convert.save(model_path(name), model, params, source=source, sha256=sha, published_name=name,
                  published_accuracy=dict(top1=published.top1, top5=published.top5))
