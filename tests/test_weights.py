@@ -200,7 +200,7 @@ def test_published_name_end_to_end(server, tmp_path, monkeypatch):
   server.stop()
   from PIL import Image
   Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / 'black.png')
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.predict', '--model=hvt-ti-1', '--top=2',
+  result = subprocess.run([sys.executable, '-m', 'hvt_jax.predict', '--model=hvt-ti-1', '--top=2', '--batch=1',
                            str(tmp_path / 'black.png')], capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   assert len(result.stdout.strip().splitlines()) == 3 and '%' in result.stdout
