@@ -32,6 +32,11 @@ def _tiny_sd(seed=0, pooling=(0,)):
                                         pooled_tokens=[tokens[i] for i in pooling])
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_for_localhost(monkeypatch):
+  monkeypatch.setenv('no_proxy', '127.0.0.1')  # a CI proxy must not stand in for the test server
+
+
 @pytest.fixture
 def server(tmp_path):
   """A release mirror on 127.0.0.1 serving `root`; paths in `truncate` send half the body."""
