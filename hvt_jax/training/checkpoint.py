@@ -265,7 +265,7 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   optimizer state is never read. `sharding` places the weights: None for the
   default device, 'cpu' for host memory, a Sharding for every array, or a tree
   of Shardings matching the parameters; the device count that saved them does
-  not matter.
+  not matter. A published name (`'hvt-s-1'`) gives the release's weights, downloaded once.
   """
   path = weights.local_path(path)  # a published name: its cached model dir
   if not epath.Path(path).exists():
