@@ -1,4 +1,4 @@
-"""`python -m hvt_jax.export`: export a model from a training workdir (code: `hvt_jax/interop/export.py`)."""
+"""`python -m hvt_jax.export`: a model dir, StableHLO, TF SavedModel or .pth of a model (code: `hvt_jax/interop/export.py`)."""
 from hvt_jax import cli
 from hvt_jax.interop import export
 

@@ -1,94 +1,23 @@
 """Test helpers that stand in for PyTorch: write `.pth` files, run the official model in numpy.
 
-`write_pth` produces the same zip + pickle layout `torch.save` writes, so the
-converter reads it through its real code path. `reference_logits` is an
-independent numpy implementation of the official forward pass on the
+`write_pth` produces the same zip + pickle layout `torch.save` writes (the
+package's `pth_writer`), so the converter reads it through its real code path.
+`reference_logits` is an independent numpy implementation of the official forward pass on the
 PyTorch-layout state dict (OIHW conv, (out, in) Linear weights).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
-import pickle
-import sys
-import types
-import zipfile
 
 import numpy as np
 from scipy.special import erf
 
-_DTYPE_STORAGE = {np.dtype(np.float32): 'FloatStorage', np.dtype(np.int64): 'LongStorage'}
-
-
-@contextlib.contextmanager
-def _fake_torch_globals():
-  """Makes `torch.FloatStorage` and `torch._utils._rebuild_tensor_v2` picklable by name."""
-  torch = types.ModuleType('torch')
-  utils = types.ModuleType('torch._utils')
-  for name in _DTYPE_STORAGE.values():
-    setattr(torch, name, type(name, (), {'__module__': 'torch'}))
-
-  def _rebuild_tensor_v2(*args):
-    raise AssertionError('only for pickling')
-
-  _rebuild_tensor_v2.__module__ = 'torch._utils'
-  _rebuild_tensor_v2.__qualname__ = '_rebuild_tensor_v2'
-  utils._rebuild_tensor_v2 = _rebuild_tensor_v2
-  saved = {k: sys.modules.get(k) for k in ('torch', 'torch._utils')}
-  sys.modules.update({'torch': torch, 'torch._utils': utils})
-  try:
-    yield torch, utils
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        sys.modules.pop(k, None)
-      else:
-        sys.modules[k] = v
-
-
-class _Tensor:
-  def __init__(self, array, key):
-    self.array, self.key = np.ascontiguousarray(array), key
+from hvt_jax.interop import pth_writer
 
 
 def write_pth(path, obj, archive_name='archive'):
   """`torch.save(obj, path)` for objects of dicts, numpy arrays and plain values."""
-  storages = []
-
-  def wrap(o):
-    if isinstance(o, np.ndarray):
-      storages.append(o)
-      return _Tensor(o, str(len(storages) - 1))
-    if isinstance(o, collections.OrderedDict):
-      return collections.OrderedDict((k, wrap(v)) for k, v in o.items())
-    if isinstance(o, dict):
-      return {k: wrap(v) for k, v in o.items()}
-    return o
-
-  with _fake_torch_globals() as (torch, utils):
-
-    class Pickler(pickle.Pickler):
-      def persistent_id(self, o):
-        if isinstance(o, tuple) and len(o) == 2 and o[0] == '__storage__':
-          t = o[1]
-          return ('storage', getattr(torch, _DTYPE_STORAGE[t.array.dtype]), t.key, 'cuda:0', t.array.size)
-        return None
-
-      def reducer_override(self, o):
-        if isinstance(o, _Tensor):
-          strides = tuple(s // o.array.itemsize for s in o.array.strides)
-          return utils._rebuild_tensor_v2, (('__storage__', o), 0, o.array.shape, strides, False,
-                                            collections.OrderedDict())
-        return NotImplemented
-
-    buf = io.BytesIO()
-    Pickler(buf, protocol=2).dump(wrap(obj))
-  with zipfile.ZipFile(path, 'w') as z:
-    z.writestr(f'{archive_name}/data.pkl', buf.getvalue())
-    z.writestr(f'{archive_name}/byteorder', 'little')
-    for i, array in enumerate(storages):
-      z.writestr(f'{archive_name}/data/{i}', np.ascontiguousarray(array).tobytes())
+  pth_writer.write(path, obj, archive_name)
 
 
 def random_state_dict(rng, *, width, depth, patch, image, classes, pooling_blocks, pooled_tokens,
@@ -159,3 +88,33 @@ def reference_logits(sd, x_nchw, num_heads, class_token=False):
   x = _layer_norm(x, sd['norm.weight'], sd['norm.bias'])
   x = x[:, 0] if class_token else x.mean(1)
   return x @ sd['head.weight'].T + sd['head.bias']
+
+
+def official_module(torch, config):
+  """A torch module with the official HVT/DeiT parameter names and shapes (no forward pass), to
+  check that a state dict loads with `load_state_dict(strict=True)`."""
+  from hvt_jax import model as model_lib
+  nn = torch.nn
+  width = config['num_heads'] * config['head_dim']
+  hidden = int(width * config['mlp_ratio'])
+  counts = model_lib.tokens_per_block(**config)
+  model = nn.Module()
+  if config['class_token']:
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+  model.pos_embed = nn.Parameter(torch.zeros(1, counts[0], width))
+  model.patch_embed = nn.Module()
+  model.patch_embed.proj = nn.Conv2d(3, width, config['patch_size'], config['patch_size'])
+  blocks = []
+  for i in range(config['depth']):
+    block = nn.Module()
+    block.norm1, block.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+    block.attn, block.mlp = nn.Module(), nn.Module()
+    block.attn.qkv, block.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+    block.mlp.fc1, block.mlp.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+    if model_lib.pools_at(i, config['pool_every']):
+      block.pos_embed = nn.Parameter(torch.zeros(1, counts[i + 1], width))
+    blocks.append(block)
+  model.blocks = nn.ModuleList(blocks)
+  model.norm = nn.LayerNorm(width, eps=1e-6)
+  model.head = nn.Linear(width, config['num_classes'])
+  return model

@@ -9,6 +9,7 @@ any pickled code (`pth_reader.py`). Then `hvt_jax.load('/tmp/hvt_ti_1')` returns
 """
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -79,56 +80,87 @@ def infer_config(sd: dict[str, np.ndarray]) -> dict:
   return config
 
 
+# How each official tensor maps onto the `HVT` tree; every kind's layout change is a transpose.
+_TO_FLAX = {'same': lambda a: a, 'linear': lambda a: a.T,
+            'conv': lambda a: a.transpose(2, 3, 1, 0)}  # OIHW -> HWIO
+_TO_TORCH = {'same': lambda a: a, 'linear': lambda a: a.T,
+             'conv': lambda a: a.transpose(3, 2, 0, 1)}  # HWIO -> OIHW
+
+
+def official_layout(config: dict) -> list[tuple[str, tuple[str, ...], str]]:
+  """(official tensor name, path in the `HVT` parameter tree, layout kind) for every tensor."""
+  entries = [('pos_embed', ('pos_embed',), 'same')]
+  if config['class_token']:
+    entries.append(('cls_token', ('cls_token',), 'same'))
+  entries += [('patch_embed.proj.weight', ('patch_embed', 'kernel'), 'conv'),
+              ('patch_embed.proj.bias', ('patch_embed', 'bias'), 'same')]
+
+  def linear(name, path):
+    return [(f'{name}.weight', path + ('kernel',), 'linear'), (f'{name}.bias', path + ('bias',), 'same')]
+
+  def norm(name, path):
+    return [(f'{name}.weight', path + ('scale',), 'same'), (f'{name}.bias', path + ('bias',), 'same')]
+
+  for i in range(config['depth']):
+    b, f = f'blocks.{i}', (f'blocks_{i}',)
+    if model_lib.pools_at(i, config['pool_every']):
+      entries.append((f'{b}.pos_embed', f + ('pos_embed',), 'same'))
+    entries += norm(f'{b}.norm1', f + ('norm1',))
+    entries += linear(f'{b}.attn.qkv', f + ('attn', 'qkv')) + linear(f'{b}.attn.proj', f + ('attn', 'proj'))
+    entries += norm(f'{b}.norm2', f + ('norm2',))
+    entries += linear(f'{b}.mlp.fc1', f + ('mlp', 'fc1')) + linear(f'{b}.mlp.fc2', f + ('mlp', 'fc2'))
+  return entries + norm('norm', ('norm',)) + linear('head', ('head',))
+
+
 def to_flax(sd: dict[str, np.ndarray], config: dict) -> dict:
   """Maps PyTorch names and layouts onto the `HVT` parameter tree (all float32)."""
-  sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
-  used = set()
-
-  def take(key):
-    used.add(key)
-    return sd[key]
-
-  def linear(prefix):
-    return {'kernel': take(f'{prefix}.weight').T, 'bias': take(f'{prefix}.bias')}
-
-  def norm(prefix):
-    return {'scale': take(f'{prefix}.weight'), 'bias': take(f'{prefix}.bias')}
-
-  params = {
-      'patch_embed': {'kernel': take('patch_embed.proj.weight').transpose(2, 3, 1, 0),  # OIHW->HWIO
-                      'bias': take('patch_embed.proj.bias')},
-      'pos_embed': take('pos_embed'),
-      'norm': norm('norm'),
-      'head': linear('head'),
-  }
-  if config['class_token']:
-    params['cls_token'] = take('cls_token')
-  for i in range(config['depth']):
-    b = f'blocks.{i}'
-    block = {'norm1': norm(f'{b}.norm1'), 'norm2': norm(f'{b}.norm2'),
-             'attn': {'qkv': linear(f'{b}.attn.qkv'), 'proj': linear(f'{b}.attn.proj')},
-             'mlp': {'fc1': linear(f'{b}.mlp.fc1'), 'fc2': linear(f'{b}.mlp.fc2')}}
-    if f'{b}.pos_embed' in sd:
-      block['pos_embed'] = take(f'{b}.pos_embed')
-    params[f'blocks_{i}'] = block
-  unused = sorted(set(sd) - used)
+  layout = official_layout(config)
+  unused = sorted(set(sd) - {name for name, _, _ in layout})
   if unused:
     raise ConvertError(f'tensors this model has no place for: {unused[:5]}'
                        f'{" ..." if len(unused) > 5 else ""} (distilled or modified models are '
                        'not supported).')
+  missing = [name for name, _, _ in layout if name not in sd]
+  if missing:
+    raise ConvertError(f'the state dict lacks {missing[:5]}{" ..." if len(missing) > 5 else ""}: '
+                       'the file is incomplete.')
+  params = {}
+  for name, path, kind in layout:
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = _TO_FLAX[kind](np.asarray(sd[name], np.float32))
   return params
+
+
+def to_official(params, config: dict) -> collections.OrderedDict:
+  """The inverse of `to_flax`: official names and layouts (float32 numpy), in the release's order."""
+  sd = collections.OrderedDict()
+  for name, path, kind in official_layout(config):
+    node = params
+    for part in path:
+      node = node[part]
+    sd[name] = np.ascontiguousarray(_TO_TORCH[kind](np.asarray(node, np.float32)))
+  return sd
+
+
+def read(pytorch_path: str, key: str | None = None) -> tuple[model_lib.HVT, dict]:
+  """`(model, params)` from a checkpoint in the official layout."""
+  sd = state_dict_of(pth_reader.load(pytorch_path), key)
+  config = infer_config(sd)
+  return model_lib.HVT(**config), to_flax(sd, config)
 
 
 def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
   """Reads an official checkpoint and writes a model dir; returns its path."""
-  sd = state_dict_of(pth_reader.load(pytorch_path), key)
-  config = infer_config(sd)
-  model = model_lib.HVT(**config)
-  params = to_flax(sd, config)
+  model, params = read(pytorch_path, key)
+  return save(output, model, params, source=f'converted from {pytorch_path}')
+
+
+def save(output: str, model: model_lib.HVT, params, **meta) -> str:
+  """A model dir for official weights; `meta` goes into model.json (`source`, ...)."""
   # The official models were evaluated with the recipe's ImageNet transform.
-  preprocess = defaults.eval_transform()
-  return checkpoint.save_model(output, model, params, source=f'converted from {pytorch_path}',
-                               preprocess=preprocess)
+  return checkpoint.save_model(output, model, params, preprocess=defaults.eval_transform(), **meta)
 
 
 FLAGS = flags.FLAGS

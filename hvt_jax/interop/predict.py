@@ -2,7 +2,9 @@
 
   python -m hvt_jax.predict --model=/tmp/hvt_ti_1 cat.jpg dog.png
 
-`--model` is any model dir or training workdir `hvt_jax.load` accepts. Images get
+`--model` is any model dir or training workdir `hvt_jax.load` accepts, or the
+name of a published model (`hvt-s-1`: downloaded and converted once, then read
+from the cache; `hvt_jax/interop/weights.py`). Images get
 the eval transform saved with the model (for ImageNet: resize 256, center crop
 224, bicubic). A 1000-class model names ImageNet classes; other models use the
 class names saved at training time. A file that cannot be read gets one error
@@ -27,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Only when run as a program: importing the module defines no flags."""
-  flags.DEFINE_string('model', None, 'model dir or training workdir')
+  flags.DEFINE_string('model', None, 'model dir, training workdir or published name (hvt-s-1)')
   flags.DEFINE_bool('ema', False, 'for a workdir: use the EMA weights')
   flags.DEFINE_integer('top', 5, 'how many classes to print per image')
   flags.DEFINE_integer('batch', 32, 'images per forward pass')

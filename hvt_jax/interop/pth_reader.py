@@ -23,7 +23,7 @@ class PthError(UserError):
   """The file is not a readable, safe PyTorch checkpoint; the message says why."""
 
 
-_STORAGE_DTYPES = {
+STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
     'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
@@ -59,7 +59,7 @@ _ALLOWED = {
     ('argparse', 'Namespace'): argparse.Namespace,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    **{('torch', name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    **{('torch', name): _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
 }
 
 

@@ -25,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.interop import weights
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
@@ -248,6 +249,7 @@ def read_step_meta(path: str, *, step: int | None = None, best: bool = False) ->
 
 def read_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
   """model.json's contents for a model dir; for a workdir, the chosen step's, plus `step`."""
+  path = weights.local_path(path)  # a published name: its cached model dir
   if (epath.Path(path) / MODEL_FILE).exists():
     return read_model_json(path)
   return read_step_meta(path, step=step, best=best)
@@ -263,8 +265,9 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   optimizer state is never read. `sharding` places the weights: None for the
   default device, 'cpu' for host memory, a Sharding for every array, or a tree
   of Shardings matching the parameters; the device count that saved them does
-  not matter.
+  not matter. A published name (`'hvt-s-1'`) gives the release's weights, downloaded once.
   """
+  path = weights.local_path(path)  # a published name: its cached model dir
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path}: no such model dir or workdir.')
   if (epath.Path(path) / MODEL_FILE).exists():
