@@ -2,10 +2,10 @@ import importlib.util
 
 import pytest
 
-from conftest import REPO
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from tests.helpers import REPO
 
 
 def get_config(name, arg=None):

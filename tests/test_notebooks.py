@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
 COLAB = REPO / 'colab'
 # Each notebook, with the plots (PNG outputs) a run must show: a plot that silently fails to
