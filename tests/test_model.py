@@ -6,7 +6,8 @@ import pytest
 from hvt_jax import model as model_lib
 from tests.helpers import TINY_MODEL
 
-# HVT_FACTS.md: published parameter counts and the tokens entering blocks after each pooling.
+# Published parameter counts and the tokens entering blocks after each pooling
+# (docs/architecture.md).
 PUBLISHED = {
     'hvt-ti-1': (5_735_656, [97]),
     'hvt-s-0': (22_049_896, []),
@@ -18,7 +19,7 @@ PUBLISHED = {
 
 
 def params_formula(d, depth, classes, pooled, p=16, n0=196):
-  """HVT_FACTS.md's closed form, independent of the module code."""
+  """docs/architecture.md's closed form, independent of the module code."""
   return d * (3 * p * p + 1) + n0 * d + depth * (12 * d * d + 13 * d) + d * sum(pooled) + 2 * d + (d + 1) * classes
 
 

@@ -2,9 +2,10 @@ import pytest
 
 from hvt_jax import model as model_lib
 from hvt_jax.model import summary
-from tests.helpers import TINY_MODEL, run
+from tests.helpers import REPO, TINY_MODEL, run
 
-# HVT_FACTS.md: exact per-image MACs in the paper's convention, and the table's rounded figures.
+# Exact per-image MACs in the paper's convention and the table's rounded figures
+# (docs/architecture.md).
 PUBLISHED_MACS = {
     'hvt-ti-1': 642_396_520, 'hvt-s-0': 4_574_144_488, 'hvt-s-1': 2_402_213_608,
     'hvt-s-2': 1_941_447_016, 'hvt-s-3': 1_620_343_912, 'hvt-s-4': 1_393_897_960,
@@ -37,3 +38,14 @@ def test_xla_counts_about_two_flops_per_counted_mac():
 
 def test_tokens_per_stage_groups_blocks():
   assert summary.tokens_per_stage(model_lib.HVT(**TINY_MODEL)) == [(64, 1), (31, 2), (15, 1)]
+
+
+def test_the_docs_table_is_what_the_code_computes():
+  text = (REPO / 'docs' / 'architecture.md').read_text()
+  rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in text.splitlines()
+          if line.startswith(('| hvt-', '| deit-'))]
+  assert [r[0] for r in rows] == [*summary.PUBLISHED, 'deit-ti', 'deit-s']
+  for name, _, _, stages, params, gmacs, _ in rows:
+    row = summary.describe(name, model_lib.create(name), with_xla=False)
+    assert (params, gmacs) == (f'{row["params"]:,}', f'{row["gmacs"]:.2f}')
+    assert stages == row['stages'].replace('x', '×').replace(' -> ', ' → ')
