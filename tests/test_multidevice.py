@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from hvt_jax.data import datasets
 from tests import helpers, tiny_config
@@ -53,6 +54,7 @@ print('RESULT' + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_one_step_on_one_device_equals_eight_and_fsdp():
   result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=helpers.REPO,
                           capture_output=True, text=True, timeout=600)
@@ -75,6 +77,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
   # Several processes never build a dataset at once; a run prepares it first.
   datasets.ensure_prepared(tiny_config.get_config())

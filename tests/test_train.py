@@ -50,6 +50,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
   raise AssertionError(f'no checkpoint at step {step} within {timeout}s')
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   whole, broken = tmp_path / 'whole', tmp_path / 'broken'
   run_main(whole, '--config.max_steps=16')

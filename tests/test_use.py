@@ -96,6 +96,7 @@ print('DEVICES', len(leaf.sharding.device_set))
 '''
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_from_8_devices_restores_on_1_and_on_4(tmp_path):
   fsdp = tmp_path / 'fsdp'
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
