@@ -1,4 +1,4 @@
-"""Every key a training config has, set to the paper's ImageNet recipe (HVT_FACTS.md).
+"""Every key a training config has, set to the paper's ImageNet recipe (docs/architecture.md).
 
 Config files in `configs/` start from `train_config()` and change what differs.
 The returned config is locked by `main.py`, so a mistyped `--config.x=y` is an

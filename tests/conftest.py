@@ -1,18 +1,11 @@
-"""Shared test settings: tiny models, and the official-layout fixture when it exists."""
+"""Fixtures for every test: per-worker datasets, a shared compile cache, the official fixture."""
 import os
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their own helpers by name
+from tests.helpers import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
-
-# A 4-block HVT small enough to compile in a second: 64 tokens -> 31 (after block 0) -> 15 (after 2).
-TINY = dict(image_size=32, patch_size=4, num_heads=2, head_dim=8, depth=4, pool_every=2,
-            num_classes=5)
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -5,10 +5,10 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from conftest import REPO
 from hvt_jax import cli, defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from tests.helpers import REPO
 
 
 def get_config(name, arg=None):

@@ -1,18 +1,17 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import jax
 import numpy as np
 import pytest
 
-import torch_layout
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import convert, pth_reader
 from hvt_jax import model as model_lib
+from tests import torch_layout
+from tests.helpers import run
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)
 
@@ -107,8 +106,7 @@ def test_never_overwrites_and_cli_prints_one_line(tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
-  cmd = [sys.executable, '-m', 'hvt_jax.convert', f'--pytorch={pth}', f'--output={out}']
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  result = run('convert', f'--pytorch={pth}', f'--output={out}', timeout=120)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith('convert: error: ')
   assert 'already exists and is not empty' in result.stderr and 'Traceback' not in result.stderr

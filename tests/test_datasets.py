@@ -1,7 +1,5 @@
 """Dataset lookup, preparation and the one-line errors; the offline `hvt_digits` builder."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, digits
+from tests.helpers import run
 
 
 def make_config(name, data_dir, **data):
@@ -123,8 +122,7 @@ def test_missing_imagenet_tars(tmp_path):
 
 
 def run_tool(*args):
-  return subprocess.run([sys.executable, '-m', 'hvt_jax.prepare_data', *args],
-                        capture_output=True, text=True, timeout=300)
+  return run('prepare_data', *args)
 
 
 def test_prepare_data_cli(tmp_path, digits_dir):

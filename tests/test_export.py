@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-import torch_layout
 from hvt_jax.interop import convert, export, pth_reader
 from hvt_jax.training import checkpoint
+from tests import helpers, torch_layout
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)
 KINDS = {'hvt': dict(pooling_blocks=[0, 2], pooled_tokens=[31, 15]),
@@ -125,13 +125,12 @@ def test_pytorch_file_loads_in_torch_strictly(kind, model_dirs, tmp_path):
 
 def test_cli_writes_then_refuses_an_existing_output(model_dirs, tmp_path):
   out = tmp_path / 'model.pth'
-  cmd = [sys.executable, '-m', 'hvt_jax.export', f'--model={model_dirs["hvt"]}', f'--output={out}',
-         '--format=pytorch']
-  first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  args = [f'--model={model_dirs["hvt"]}', f'--output={out}', '--format=pytorch']
+  first = helpers.run('export', *args)
   assert first.returncode == 0, first.stderr
   assert first.stdout.startswith(f'wrote {out} (pytorch') and 'parameters' in first.stdout
   data = out.read_bytes()
-  again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  again = helpers.run('export', *args)
   assert again.returncode != 0 and 'Traceback' not in again.stderr
   assert again.stderr.strip().splitlines()[-1] == (
       f'export: error: {out} already exists; choose a new --output or remove it yourself '

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import fake_imagenet
 from hvt_jax import defaults
 from hvt_jax.data import datasets, input_pipeline
 from hvt_jax.training import sharding
+from tests import fake_imagenet
 
 SIZE = 16
 

@@ -3,10 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY
 from hvt_jax import model as model_lib
+from tests.helpers import TINY_MODEL
 
-# HVT_FACTS.md: published parameter counts and the tokens entering blocks after each pooling.
+# Published parameter counts and the tokens entering blocks after each pooling
+# (docs/architecture.md).
 PUBLISHED = {
     'hvt-ti-1': (5_735_656, [97]),
     'hvt-s-0': (22_049_896, []),
@@ -18,7 +19,7 @@ PUBLISHED = {
 
 
 def params_formula(d, depth, classes, pooled, p=16, n0=196):
-  """HVT_FACTS.md's closed form, independent of the module code."""
+  """docs/architecture.md's closed form, independent of the module code."""
   return d * (3 * p * p + 1) + n0 * d + depth * (12 * d * d + 13 * d) + d * sum(pooled) + 2 * d + (d + 1) * classes
 
 
@@ -41,7 +42,7 @@ def test_published_param_counts_and_tokens(name):
 
 
 def test_stage_features_follow_the_token_counts():
-  model = model_lib.HVT(**TINY)
+  model = model_lib.HVT(**TINY_MODEL)
   params = model_lib.init_params(model, jax.random.key(0))
   feats = model_lib.stage_features(model, params, jnp.ones((3, 32, 32, 3)))
   assert [f.shape for f in feats] == [(3, 64, 16), (3, 31, 16), (3, 15, 16)]
@@ -49,7 +50,7 @@ def test_stage_features_follow_the_token_counts():
 
 
 def test_deit_baseline_uses_class_token():
-  model = model_lib.HVT(**{**TINY, 'pool_every': 0, 'class_token': True})
+  model = model_lib.HVT(**{**TINY_MODEL, 'pool_every': 0, 'class_token': True})
   params = model_lib.init_params(model, jax.random.key(0))
   assert params['cls_token'].shape == (1, 1, 16)
   assert params['pos_embed'].shape == (1, 65, 16)
@@ -58,7 +59,7 @@ def test_deit_baseline_uses_class_token():
 
 
 def test_eval_is_deterministic_and_train_uses_the_rng():
-  model = model_lib.HVT(**TINY, drop_path=0.5, dropout=0.1)
+  model = model_lib.HVT(**TINY_MODEL, drop_path=0.5, dropout=0.1)
   params = model_lib.init_params(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   apply = jax.jit(lambda p, x, train, key: model.apply({'params': p}, x, train=train,
@@ -73,7 +74,7 @@ def test_eval_is_deterministic_and_train_uses_the_rng():
 
 
 def test_gradients_reach_every_parameter():
-  model = model_lib.HVT(**TINY, drop_path=0.1)
+  model = model_lib.HVT(**TINY_MODEL, drop_path=0.1)
   params = model_lib.init_params(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   labels = jnp.arange(4) % 5
@@ -90,7 +91,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_bfloat16_computes_in_bf16_with_float32_params():
-  config = dict(TINY)
+  config = dict(TINY_MODEL)
   fp32 = model_lib.HVT(**config)
   bf16 = model_lib.HVT(**config, dtype='bfloat16')
   params = model_lib.init_params(bf16, jax.random.key(0))
@@ -111,11 +112,11 @@ def test_bfloat16_computes_in_bf16_with_float32_params():
 ])
 def test_impossible_settings_say_why(settings, message):
   with pytest.raises(model_lib.ConfigError, match=message):  # building the model says why
-    model_lib.HVT(**{**TINY, **settings})
+    model_lib.HVT(**{**TINY_MODEL, **settings})
 
 
 def test_wrong_input_shape_and_unknown_names_say_why():
-  model = model_lib.HVT(**TINY)
+  model = model_lib.HVT(**TINY_MODEL)
   with pytest.raises(model_lib.ConfigError, match=r'expected images of shape \(batch, 32, 32, 3\)'):
     model.init(jax.random.key(0), jnp.zeros((1, 3, 32, 32)))
   with pytest.raises(model_lib.ConfigError, match='unknown model'):

@@ -1,15 +1,14 @@
 """Sharded training on 8 virtual CPU devices, and two processes training together."""
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from conftest import REPO
-import tiny_config
 from hvt_jax.data import datasets
+from tests import helpers, tiny_config
 
 ONE_VS_EIGHT = r'''
 import os
@@ -55,9 +54,10 @@ print('RESULT' + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_one_step_on_one_device_equals_eight_and_fsdp():
-  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=helpers.REPO,
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.split('RESULT', 1)[1])
   one = out['1']
@@ -77,16 +77,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
   # Several processes never build a dataset at once; a run prepares it first.
   datasets.ensure_prepared(tiny_config.get_config())
   port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  cmd = [sys.executable, '-m', 'hvt_jax.main', f'--config={REPO / "tests" / "tiny_config.py"}',
-         f'--workdir={tmp_path}', '--config.max_steps=8', f'--coordinator_address=127.0.0.1:{port}',
-         '--num_processes=2']
-  procs = [subprocess.Popen(cmd + [f'--process_id={i}'], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  procs = [helpers.run_main(tmp_path, '--config.max_steps=8',
+                            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                            f'--process_id={i}', wait=False,
+                            env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
            for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):

@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 
 COLAB = REPO / 'colab'
 # Each notebook, with the plots (PNG outputs) a run must show: a plot that silently fails to
@@ -48,6 +48,7 @@ def test_stored_clean_with_badge_install_and_small_switch(name):
   assert nb.metadata.kernelspec.name == 'python3'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_runs_top_to_bottom_in_small_mode(name, tmp_path, monkeypatch):
   monkeypatch.setenv('HVT_NOTEBOOK_SMALL', '1')

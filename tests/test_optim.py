@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from conftest import TINY
 from hvt_jax import defaults
 from hvt_jax.training import optim
 from hvt_jax import model as model_lib
+from tests.helpers import TINY_MODEL
 
 
 def _recipe_lr(epoch, peak, warmup=5, warmup_lr=1e-6, min_lr=1e-5, epochs=300):
@@ -38,7 +38,7 @@ def test_per_step_schedule_moves_every_step():
 
 
 def test_weight_decay_skips_biases_norms_and_position_embeddings():
-  params = model_lib.abstract_params(model_lib.HVT(**TINY))
+  params = model_lib.abstract_params(model_lib.HVT(**TINY_MODEL))
   mask = optim.decay_mask(params)
   assert mask['blocks_0']['attn']['qkv']['kernel'] and mask['patch_embed']['kernel']
   assert not mask['blocks_0']['attn']['qkv']['bias']

@@ -1,13 +1,11 @@
-import subprocess
-import sys
-
 import pytest
 
-from conftest import TINY
 from hvt_jax import model as model_lib
 from hvt_jax.model import summary
+from tests.helpers import REPO, TINY_MODEL, run
 
-# HVT_FACTS.md: exact per-image MACs in the paper's convention, and the table's rounded figures.
+# Exact per-image MACs in the paper's convention and the table's rounded figures
+# (docs/architecture.md).
 PUBLISHED_MACS = {
     'hvt-ti-1': 642_396_520, 'hvt-s-0': 4_574_144_488, 'hvt-s-1': 2_402_213_608,
     'hvt-s-2': 1_941_447_016, 'hvt-s-3': 1_620_343_912, 'hvt-s-4': 1_393_897_960,
@@ -23,8 +21,7 @@ def test_macs_match_the_paper_exactly(name):
 
 
 def test_cli_prints_the_published_table():
-  out = subprocess.run([sys.executable, '-m', 'hvt_jax.summary'], capture_output=True, text=True,
-                       timeout=300, check=True).stdout
+  out = run('summary', check=True).stdout
   rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
   assert set(rows) == set(TABLE)
   for name, (params, gmacs) in TABLE.items():
@@ -33,11 +30,22 @@ def test_cli_prints_the_published_table():
 
 
 def test_xla_counts_about_two_flops_per_counted_mac():
-  model = model_lib.HVT(**{**TINY, 'num_heads': 4, 'head_dim': 16})
+  model = model_lib.HVT(**{**TINY_MODEL, 'num_heads': 4, 'head_dim': 16})
   ratio = summary.xla_flops(model) / summary.macs(model)
   # XLA also counts LayerNorm, softmax, GELU and adds, which the paper's convention leaves out.
   assert 1.9 < ratio < 2.6, ratio
 
 
 def test_tokens_per_stage_groups_blocks():
-  assert summary.tokens_per_stage(model_lib.HVT(**TINY)) == [(64, 1), (31, 2), (15, 1)]
+  assert summary.tokens_per_stage(model_lib.HVT(**TINY_MODEL)) == [(64, 1), (31, 2), (15, 1)]
+
+
+def test_the_docs_table_is_what_the_code_computes():
+  text = (REPO / 'docs' / 'architecture.md').read_text()
+  rows = [[cell.strip() for cell in line.split('|')[1:-1]] for line in text.splitlines()
+          if line.startswith(('| hvt-', '| deit-'))]
+  assert [r[0] for r in rows] == [*summary.PUBLISHED, 'deit-ti', 'deit-s']
+  for name, _, _, stages, params, gmacs, _ in rows:
+    row = summary.describe(name, model_lib.create(name), with_xla=False)
+    assert (params, gmacs) == (f'{row["params"]:,}', f'{row["gmacs"]:.2f}')
+    assert stages == row['stages'].replace('x', '×').replace(' -> ', ' → ')

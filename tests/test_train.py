@@ -1,34 +1,17 @@
 """The training system end to end on the offline digits, with the tiny test config."""
 import hashlib
 import json
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
 from hvt_jax.training import checkpoint, curves
-
-TINY = str(REPO / 'tests' / 'tiny_config.py')
-
-
-def run_main(workdir, *overrides, check=True, timeout=400, env=None, wait=True):
-  cmd = [sys.executable, '-m', 'hvt_jax.main', f'--config={TINY}', f'--workdir={workdir}',
-         *overrides]
-  env = {**os.environ, **(env or {})}
-  if not wait:
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  if check and result.returncode != 0:
-    raise AssertionError(f'main failed ({result.returncode}):\n{result.stderr[-3000:]}')
-  return result
+from tests import tiny_config
+from tests.helpers import run_main
 
 
 def params_of(workdir, **kw):
@@ -67,6 +50,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
   raise AssertionError(f'no checkpoint at step {step} within {timeout}s')
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   whole, broken = tmp_path / 'whole', tmp_path / 'broken'
   run_main(whole, '--config.max_steps=16')
@@ -143,7 +127,6 @@ def test_a_changed_config_needs_a_new_workdir(tmp_path):
 
 
 def test_eval_only_from_a_model_dir(tmp_path):
-  import tiny_config
   from hvt_jax import model as model_lib
   model = model_lib.HVT(**tiny_config.get_config().model)
   model_dir = checkpoint.save_model(str(tmp_path / 'model'), model,
@@ -160,7 +143,6 @@ def test_eval_only_from_a_model_dir(tmp_path):
 
 def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   import optax
-  import tiny_config
   from hvt_jax import model as model_lib
   from hvt_jax.training import sharding, loop, train_step
   config = tiny_config.get_config()
@@ -182,3 +164,12 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
                                     model_lib.init_params(narrower, jax.random.key(1)))
   with pytest.raises(loop.TrainError, match='does not fit this model'):
     loop._start_from(state, other_dir, shardings)
+
+
+def test_a_relative_workdir_saves_under_the_current_directory(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  monkeypatch.chdir(tmp_path)  # Orbax refuses relative paths; `--workdir=runs/x` must still work
+  mngr = checkpoint.manager('run')
+  mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': np.ones(2)})))
+  mngr.wait_until_finished()
+  assert (tmp_path / 'run' / 'checkpoints' / '1' / 'params').is_dir()

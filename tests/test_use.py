@@ -12,27 +12,18 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from conftest import REPO
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import export
 from hvt_jax import model as model_lib
-
-TINY = str(REPO / 'tests' / 'tiny_config.py')
-
-
-def _main(workdir, *overrides, env=None):
-  cmd = [sys.executable, '-m', 'hvt_jax.main', f'--config={TINY}', f'--workdir={workdir}', *overrides]
-  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-  assert result.returncode == 0, result.stderr[-3000:]
+from tests.helpers import REPO, run, run_main
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """A finished tiny run: checkpoints at steps 8 (evaluated) and 12, with EMA."""
   path = tmp_path_factory.mktemp('run')
-  _main(path, '--config.max_steps=12', '--config.checkpoint_every_steps=4',
-        '--config.eval_every_steps=8', '--config.keep_checkpoints=1')
+  run_main(path, '--config.max_steps=12', '--config.checkpoint_every_steps=4',
+           '--config.eval_every_steps=8', '--config.keep_checkpoints=1', timeout=600)
   return path
 
 
@@ -60,9 +51,7 @@ def test_load_latest_best_raw_and_ema_without_the_optimizer(workdir):
 
 def test_export_writes_a_small_params_only_model(workdir, tmp_path):
   out = tmp_path / 'exported'
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.export', f'--workdir={workdir}',
-                           f'--output={out}', '--ema'], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+  result = run('export', f'--workdir={workdir}', f'--output={out}', '--ema')
   assert result.returncode == 0, result.stderr[-2000:]
   meta = json.loads((out / 'model.json').read_text())
   assert meta['class_names'] == [str(i) for i in range(10)] and 'EMA weights of step 12' in meta['source']
@@ -72,8 +61,7 @@ def test_export_writes_a_small_params_only_model(workdir, tmp_path):
   np.testing.assert_array_equal(_logits(model, params), _logits(ref_model, ref))
   size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
   assert size < 3 * 4 * model_lib.param_count(params)  # weights once, no optimizer moments
-  again = subprocess.run([sys.executable, '-m', 'hvt_jax.export', f'--workdir={workdir}',
-                          f'--output={out}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  again = run('export', f'--workdir={workdir}', f'--output={out}')
   assert again.returncode != 0 and 'already exists' in again.stderr.strip().splitlines()[-1]
 
 
@@ -84,8 +72,7 @@ def test_predict_prints_top5_and_one_line_per_bad_file(workdir, tmp_path):
   Image.fromarray(photo[:200, :300]).save(tmp_path / 'crop.png')
   (tmp_path / 'notes.jpg').write_text('not an image')
   files = [tmp_path / 'china.jpg', tmp_path / 'notes.jpg', tmp_path / 'absent.jpg', tmp_path / 'crop.png']
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.predict', f'--model={out}', *map(str, files)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run('predict', f'--model={out}', *map(str, files))
   assert result.returncode == 1
   errors = result.stderr.strip().splitlines()
   assert len([e for e in errors if e.startswith('predict: error: ')]) == 2
@@ -109,12 +96,13 @@ print('DEVICES', len(leaf.sharding.device_set))
 '''
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_from_8_devices_restores_on_1_and_on_4(tmp_path):
   fsdp = tmp_path / 'fsdp'
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   # Width 128 makes the big kernels large enough to be split over the fsdp axis.
-  _main(fsdp, '--config.max_steps=4', '--config.model.head_dim=64',
-        "--config.mesh=(('data', 4), ('fsdp', 2))", env=env)
+  run_main(fsdp, '--config.max_steps=4', '--config.model.head_dim=64',
+           "--config.mesh=(('data', 4), ('fsdp', 2))", env=env, timeout=600)
   saved = json.loads((fsdp / 'checkpoints' / '4' / 'params' / '_sharding').read_text())
   assert any('fsdp' in v for v in saved.values())  # really saved split across devices
   model, params = checkpoint.load(str(fsdp))  # this process: one CPU device

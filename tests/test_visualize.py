@@ -8,9 +8,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from conftest import TINY
 from hvt_jax import model as model_lib
 from hvt_jax.model import visualize
+from tests.helpers import TINY_MODEL
 
 
 def test_windows_match_the_model_token_counts():
@@ -99,7 +99,7 @@ def test_tracing_splits_a_token_by_the_channels_its_inputs_won():
 
 
 def test_traces_of_a_real_model_cover_every_stage():
-  model = model_lib.HVT(**TINY)  # 64 patches -> 31 -> 15
+  model = model_lib.HVT(**TINY_MODEL)  # 64 patches -> 31 -> 15
   rng = np.random.default_rng(0)  # any weights will do; skips compiling the initializers
   params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype),
                         model_lib.abstract_params(model))

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import types
@@ -15,11 +14,11 @@ import numpy as np
 import pytest
 
 import hvt_jax
-import torch_layout
 from hvt_jax import model as model_lib
 from hvt_jax.interop import convert, weights
 from hvt_jax.model import summary
 from hvt_jax.training import checkpoint
+from tests import helpers, torch_layout
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)
 FILE = 'v1.0/tiny_1.pth'
@@ -180,10 +179,8 @@ def _free_port():
 
 def test_no_server_is_one_line_naming_url_and_path(tmp_path):
   url = f'http://127.0.0.1:{_free_port()}'
-  env = dict(os.environ, HVT_JAX_CACHE=str(tmp_path / 'cache'), HVT_JAX_WEIGHTS_URL=url)
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.export', '--model=hvt-ti-1',
-                           f'--output={tmp_path / "out"}'], capture_output=True, text=True,
-                          timeout=300, env=env)
+  env = dict(HVT_JAX_CACHE=str(tmp_path / 'cache'), HVT_JAX_WEIGHTS_URL=url)
+  result = helpers.run('export', '--model=hvt-ti-1', f'--output={tmp_path / "out"}', env=env)
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith(f'export: error: cannot download {url}/v1.0/hvt_ti_1.pth (')
@@ -205,8 +202,8 @@ def test_published_name_end_to_end(server, tmp_path, monkeypatch):
   server.stop()
   from PIL import Image
   Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / 'black.png')
-  result = subprocess.run([sys.executable, '-m', 'hvt_jax.predict', '--model=hvt-ti-1', '--top=2', '--batch=1',
-                           str(tmp_path / 'black.png')], capture_output=True, text=True, timeout=300)
+  result = helpers.run('predict', '--model=hvt-ti-1', '--top=2', '--batch=1',
+                       str(tmp_path / 'black.png'))
   assert result.returncode == 0, result.stderr
   assert len(result.stdout.strip().splitlines()) == 3 and '%' in result.stdout
 

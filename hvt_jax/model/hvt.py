@@ -20,7 +20,7 @@ import numpy as np
 
 from hvt_jax.errors import UserError
 
-# Published models (HVT_FACTS.md). Every other field takes `HVT`'s default.
+# Published models (docs/architecture.md). Every other field takes `HVT`'s default.
 VARIANTS: dict[str, dict[str, Any]] = {
     'hvt-ti-1': dict(num_heads=3, pool_every=12),
     'hvt-s-0': dict(num_heads=6, pool_every=0),

@@ -4,7 +4,7 @@
   python -m hvt_jax.summary --model=hvt-s-2 --xla            # one model, plus XLA's count
   python -m hvt_jax.summary --config=configs/hvt_s.py:stages=2
 
-"GMACs" follow the paper's convention (HVT_FACTS.md): multiply-accumulates per
+"GMACs" follow the paper's convention (docs/architecture.md): multiply-accumulates per
 image as ptflops 0.6.4 counts them with an attention hook: the patch conv and
 every Linear (a Linear's bias adds its output width once, the conv's bias once per
 output element), q·kᵀ and attn·v, and each max-pool's input size. LayerNorm,

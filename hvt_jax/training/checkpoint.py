@@ -156,7 +156,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   ])
   options = ocp.CheckpointManagerOptions(best_fn=best, best_mode='max', preservation_policy=policy,
                                          read_only=read_only, create=not read_only)
-  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), options=options,
+  return ocp.CheckpointManager(os.path.join(_absolute(workdir), CHECKPOINTS_DIR), options=options,
                                item_names=('params', 'ema_params', 'opt', 'data', 'model'))
 
 

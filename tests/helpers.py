@@ -1,0 +1,38 @@
+"""What many tests share: where the checkout is, a tiny model, and running the commands."""
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A 4-block HVT small enough to compile in a second: 64 tokens -> 31 (after block 0) -> 15 (after 2).
+TINY_MODEL = dict(image_size=32, patch_size=4, num_heads=2, head_dim=8, depth=4, pool_every=2,
+                  num_classes=5)
+
+# The training config the command-line runs use: the demo shrunk to seconds (see the file).
+TINY_CONFIG = str(REPO / 'tests' / 'tiny_config.py')
+
+
+def run(command, *args, check=False, timeout=300, env=None, wait=True):
+  """Runs `python -m hvt_jax.<command> *args` from the repo root, as a user would.
+
+  Returns the finished process (output captured as text); with `check`, a failure raises with the
+  end of its stderr. With `wait=False`, returns the started process, stderr merged into stdout.
+  `env` adds to the current environment.
+  """
+  cmd = [sys.executable, '-m', f'hvt_jax.{command}', *args]
+  env = {**os.environ, **(env or {})}
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'{command} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return result
+
+
+def run_main(workdir, *overrides, check=True, timeout=400, env=None, wait=True):
+  """Trains with the tiny config in `workdir`; `overrides` are `--config.<key>=<value>` flags."""
+  return run('main', f'--config={TINY_CONFIG}', f'--workdir={workdir}', *overrides, check=check,
+             timeout=timeout, env=env, wait=wait)
