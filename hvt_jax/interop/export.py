@@ -30,11 +30,10 @@ def define_flags() -> None:
 
 def export(workdir: str, output: str, *, ema: bool = False, best: bool = False,
            step: int | None = None) -> str:
-  meta = checkpoint.read_step_meta(workdir, step=step, best=best)
-  # Pinned to that step: a run still training may save a newer one meanwhile.
-  model, params = checkpoint.load(workdir, step=meta['step'], ema=ema, sharding='cpu')
-  which = f'{"EMA" if ema else "raw"} weights of step {meta["step"]}'
-  extra = {k: v for k, v in meta.items() if k not in ('model', 'step')}  # eval transform, names
+  saved = checkpoint.resolve(workdir, step=step, best=best, ema=ema)
+  model, params = checkpoint.restore(saved, sharding='cpu')
+  which = f'{"EMA" if ema else "raw"} weights of step {saved.step}'
+  extra = {k: v for k, v in saved.meta.items() if k != 'model'}  # eval transform, names
   return checkpoint.save_model(output, model, params, **extra,
                                source=f'exported {which} of {os.path.abspath(workdir)}')
 
@@ -42,7 +41,7 @@ def export(workdir: str, output: str, *, ema: bool = False, best: bool = False,
 def main(argv):
   del argv
   out = export(FLAGS.workdir, FLAGS.output, ema=FLAGS.ema, best=FLAGS.best, step=FLAGS.step)
-  model, params = checkpoint.load(out, sharding='cpu')
-  print(f'wrote {out}: {model_lib.param_count(params):,} parameters '
-        f'({checkpoint.read_model_json(out)["source"]})')
+  saved = checkpoint.resolve(out)
+  _, params = checkpoint.restore(saved, sharding='cpu')
+  print(f'wrote {out}: {model_lib.param_count(params):,} parameters ({saved.meta["source"]})')
 
