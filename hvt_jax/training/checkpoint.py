@@ -215,8 +215,6 @@ def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
   return str(ckpt_dir / str(step)), step
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Saved:
   """One set of saved weights and its metadata: a model dir, or one step of a training workdir."""

@@ -255,4 +255,3 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   if jax.process_index() == 0:
     logging.info('Curves: %s', curves.plot(run.workdir))
   return state
-

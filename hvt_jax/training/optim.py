@@ -50,4 +50,3 @@ def make(optim, schedule) -> optax.GradientTransformation:
   if optim.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
   return adamw
-

@@ -64,4 +64,3 @@ def param_spec(shape: Sequence[int], mesh: jax.sharding.Mesh, axis: str = 'fsdp'
       spec[dim] = axis
       return jax.P(*spec)
   return jax.P()
-
