@@ -56,7 +56,7 @@ def test_orbax_from_a_model_dir(model_dirs, tmp_path):
   out = export.export(model_dirs['hvt'], str(tmp_path / 'copy'))
   x = _images()
   np.testing.assert_array_equal(_jax_logits(out, x), _jax_logits(model_dirs['hvt'], x))
-  source = checkpoint.read_model_json(out)['source']
+  source = checkpoint.resolve(out).meta['source']
   assert source.startswith(f'exported {model_dirs["hvt"]} (converted from')
 
 
@@ -81,7 +81,7 @@ def test_stablehlo_runs_standalone_at_any_batch(model_dirs, tmp_path):
 def test_savedmodel_serving_default(model_dirs, tmp_path):
   import tensorflow as tf  # the export imported it already
   out = export.export(model_dirs['deit'], str(tmp_path / 'sm'), format='savedmodel')
-  assert checkpoint.read_model_json(os.path.join(out, 'assets.extra'))['format'] == 'savedmodel'
+  assert checkpoint.resolve(os.path.join(out, 'assets.extra')).meta['format'] == 'savedmodel'
   serve = tf.saved_model.load(out).signatures['serving_default']
   spec = serve.structured_input_signature[1]['images']
   assert spec.shape.as_list() == [None, 32, 32, 3] and spec.dtype == tf.float32

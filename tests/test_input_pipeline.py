@@ -115,7 +115,7 @@ def test_deterministic_for_a_seed(imagenet, mesh):
   assert not np.array_equal(ids_of(first, config), ids_of(other, config))
   # Epochs differ in order too.
   assert not np.array_equal(ids_of(first[:6], config), ids_of(take(
-      input_pipeline.train_iterator(config, mesh, state={'step': 6}), 6), config))
+      input_pipeline.train_iterator(config, mesh, step=6), 6), config))
 
 
 def test_augmentation_does_not_depend_on_thread_count(imagenet, mesh):
@@ -147,14 +147,29 @@ def test_resume_gives_identical_batches(imagenet, mesh, step):
   config = make_config(imagenet[0], random_erase=0.5)  # noise: any seed slip shows
   original = input_pipeline.train_iterator(config, mesh)
   take(original, step)
-  state = json.loads(json.dumps(original.state))
-  assert state['step'] == step and state['epoch'] == step * 8 // 48
   expected = take(original, 5)  # runs across an epoch boundary for every `step` above
-  resumed = input_pipeline.train_iterator(config, mesh, state=state)
+  resumed = input_pipeline.train_iterator(config, mesh, step=step)
   for a, b in zip(expected, take(resumed, 5)):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
-  assert resumed.state['step'] == step + 5
+
+
+def test_resume_on_another_process_count_keeps_the_epoch_and_position(imagenet, mesh):
+  """Saved by 1 process at step 9 (72 examples: epoch 1, 24 into it), resumed by 2."""
+  data_dir, expected = imagenet
+  config = make_config(data_dir)
+  step = 9
+  for index in range(2):
+    def stream(start):
+      return input_pipeline.train_iterator(config, mesh, start, process_index=index,
+                                           process_count=2)
+    uninterrupted = stream(0)
+    epochs = [ids_of(take(uninterrupted, 6), config) for _ in range(3)]  # 24 per process each
+    resumed = ids_of(take(stream(step), 9), config)
+    # 36 of this process's 24-example epochs done: epoch 1 from its 12th example, then epoch 2.
+    np.testing.assert_array_equal(resumed[:12], epochs[1][12:])
+    np.testing.assert_array_equal(resumed[12:], epochs[2])
+    assert not np.array_equal(epochs[1], epochs[2])  # the epochs can be told apart
 
 
 def test_repeated_augmentation(imagenet, mesh):
@@ -271,11 +286,14 @@ def test_batches_on_an_eight_device_mesh(imagenet):
 def test_resume_far_ahead_does_not_replay(imagenet, mesh):
   """Epoch 10**8 starts directly: nothing before the current epoch is read again."""
   config = make_config(imagenet[0])
-  state = {'step': 6 * 10 ** 8 + 2, 'batch_size': 8, 'process_count': 1, 'seed': 0}
-  it = input_pipeline.train_iterator(config, mesh, state=state)
+  it = input_pipeline.train_iterator(config, mesh, step=6 * 10 ** 8 + 2)
   batch = take(it, 1)[0]
   assert batch['image'].shape == (8, SIZE, SIZE, 3)
-  assert it.state['step'] == state['step'] + 1 and it.state['epoch'] == 10 ** 8
+  # The third batch of epoch 10**8 (6 batches per epoch), not of the first epoch.
+  epoch_start = take(input_pipeline.train_iterator(config, mesh, step=6 * 10 ** 8), 3)[2]
+  np.testing.assert_array_equal(batch['image'], epoch_start['image'])
+  first_epoch = take(input_pipeline.train_iterator(config, mesh), 3)[2]
+  assert not np.array_equal(ids_of([batch], config), ids_of([first_epoch], config))
 
 
 def test_eval_with_more_processes_than_examples(imagenet, mesh):

@@ -92,7 +92,10 @@ def test_two_processes_train_together(tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert 'Process 1 of 2; 2 local / 4 global devices' in outs[1]
   assert 'on 4 devices' in outs[0]
-  meta = json.loads((tmp_path / 'checkpoints' / '8' / 'data' / 'metadata').read_text())
-  assert len(meta) == 2  # each process's input position
+  step_dir = tmp_path / 'checkpoints' / '8'
+  assert not (step_dir / 'data').exists()  # the input position follows from the step
+  # The process count is noted, for the warning of a resume on another count.
+  assert json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())['custom_metadata'] == {
+      'process_count': 2}
   rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert rows[-1]['step'] == 8 and rows[-1]['eval/examples'] == 300

@@ -77,6 +77,28 @@ def test_grad_clip_changes_what_adam_sees():
   np.testing.assert_allclose(np.abs(clipped), 1.0, rtol=1e-3)
 
 
+class _Linear:
+  """A stand-in for the HVT with one weight matrix: logits = flattened image @ w."""
+
+  def apply(self, variables, images, **kwargs):
+    return images.reshape(len(images), -1) @ variables['params']['w']
+
+
 def test_ema_moves_toward_params():
-  ema = optim.ema_update({'w': jnp.zeros(3)}, {'w': jnp.ones(3)}, 0.9)
-  np.testing.assert_allclose(ema['w'], 0.1, rtol=1e-6)
+  """The train step keeps `ema_decay` of the old EMA and takes the rest from the new weights."""
+  import tiny_config
+  from hvt_jax.training import train_step
+  config = tiny_config.get_config()
+  config.ema_decay = 0.9
+  size, classes = config.model.image_size, config.model.num_classes
+  params = {'w': jnp.asarray(np.random.default_rng(0).normal(size=(size * size * 3, classes)),
+                             jnp.float32)}
+  tx = optax.sgd(0.0)  # the weights stay put, so the EMA's move is all there is to see
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                ema_params={'w': jnp.zeros_like(params['w'])},
+                                opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+  batch = {'image': jnp.ones((2, size, size, 3)), 'label': jnp.zeros((2,), jnp.int32)}
+  new, _ = train_step.train_step(state, batch, model=_Linear(), tx=tx, schedule=lambda _: 0.0,
+                                 config=config)
+  np.testing.assert_allclose(new.params['w'], params['w'])
+  np.testing.assert_allclose(new.ema_params['w'], 0.1 * params['w'], rtol=1e-5, atol=1e-7)

@@ -35,7 +35,9 @@ def test_loss_falls_and_everything_is_written(tmp_path):
   assert json.loads((tmp_path / 'config.json').read_text())['model']['depth'] == 4
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
   assert 24 in mngr.all_steps() and mngr.best_step() in (8, 16, 24)
-  meta = checkpoint.read_step_meta(str(tmp_path))
+  saved = checkpoint.resolve(str(tmp_path))
+  meta = saved.meta
+  assert saved.step == 24 and saved.params_dir.endswith('/checkpoints/24/params')
   assert meta['class_names'] == [str(i) for i in range(10)] and meta['preprocess']['crop_pct'] == 0.875
 
 
@@ -173,3 +175,60 @@ def test_a_relative_workdir_saves_under_the_current_directory(tmp_path, monkeypa
   mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({'w': np.ones(2)})))
   mngr.wait_until_finished()
   assert (tmp_path / 'run' / 'checkpoints' / '1' / 'params').is_dir()
+
+
+def _tiny_state():
+  import optax
+  from hvt_jax import model as model_lib
+  from hvt_jax.training import sharding, train_step
+  model = model_lib.HVT(**tiny_config.get_config().model)
+  state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
+                                             mesh=sharding.make_mesh((('data', -1),)))
+  return model, state.replace(step=jax.numpy.asarray(4, jax.numpy.int32)), shardings
+
+
+def test_a_step_saved_with_the_old_data_item_resumes_and_loads(tmp_path):
+  """Steps written before the input position followed from the step held a `data` item."""
+  import contextlib
+  import orbax.checkpoint as ocp
+  model, state, shardings = _tiny_state()
+  old = ocp.CheckpointManager(tmp_path / 'checkpoints',
+                              item_names=('params', 'ema_params', 'opt', 'data', 'model'))
+  old.save(4, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      ema_params=ocp.args.StandardSave(state.ema_params),
+      opt=ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step,
+                                 'rng': state.rng}),
+      data=ocp.args.JsonSave([{'step': 4, 'epoch': 0, 'batch_size': 32, 'process_count': 1,
+                               'seed': 0}]),
+      model=ocp.args.JsonSave({'model': model.config(), 'class_names': None})))
+  old.wait_until_finished()
+  old.close()
+  fresh = state.replace(step=jax.numpy.zeros((), jax.numpy.int32),
+                        params=jax.tree.map(jax.numpy.zeros_like, state.params))
+  with contextlib.closing(checkpoint.manager(str(tmp_path))) as mngr:
+    restored, processes = checkpoint.restore_train(mngr, 4, fresh, shardings)
+  assert int(restored.step) == 4 and processes is None  # that version did not note it
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  loaded_model, params = checkpoint.load(str(tmp_path), ema=True)
+  assert loaded_model == model
+  np.testing.assert_array_equal(params['head']['kernel'], state.ema_params['head']['kernel'])
+
+
+def test_a_resume_on_another_process_count_warns(tmp_path, caplog):
+  import contextlib
+  from hvt_jax.training import loop
+  model, state, shardings = _tiny_state()
+  with contextlib.closing(checkpoint.manager(str(tmp_path))) as mngr:
+    checkpoint.save_train(mngr, state, {'model': model.config()})
+  with contextlib.closing(checkpoint.manager(str(tmp_path), read_only=True)) as mngr:
+    assert checkpoint.restore_train(mngr, 4, state, shardings)[1] == 1
+  meta_file = tmp_path / 'checkpoints' / '4' / '_CHECKPOINT_METADATA'
+  meta = json.loads(meta_file.read_text())
+  meta['custom_metadata']['process_count'] = 2  # as if a 2-process run had saved it
+  meta_file.write_text(json.dumps(meta))
+  with contextlib.closing(checkpoint.manager(str(tmp_path))) as mngr:
+    resumed = loop._resume(mngr, 4, state, shardings)
+  assert int(resumed.step) == 4
+  assert 'saved by 2 processes, now 1' in caplog.text and 'batches differ' in caplog.text

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
+import hvt_jax
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import export
 from hvt_jax import model as model_lib
@@ -47,6 +48,28 @@ def test_load_latest_best_raw_and_ema_without_the_optimizer(workdir):
   assert not np.allclose(_logits(latest_model, latest), _logits(latest_model, ema))
   with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint at step 5; it has steps \[8, 12\]'):
     checkpoint.load(str(workdir), step=5)
+
+
+def test_a_model_dir_written_by_hand_in_the_first_layout_loads(tmp_path):
+  """model.json + params/ as the first versions wrote them (and save_model still does)."""
+  import orbax.checkpoint as ocp
+  model = model_lib.HVT(**tiny_config.get_config().model)
+  params = model_lib.init_params(model, jax.random.key(5))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'old' / 'params', params)
+  ckptr.wait_until_finished()
+  meta = {'model': model.config(), 'source': 'converted from hvt.pth', 'class_names': None,
+          'preprocess': {'crop_pct': 0.875, 'interpolation': 'bicubic',
+                         'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}}
+  (tmp_path / 'old' / 'model.json').write_text(json.dumps(meta))
+  saved = checkpoint.resolve(str(tmp_path / 'old'))
+  assert saved.meta == meta and saved.step is None and saved.model == model
+  loaded_model, loaded = hvt_jax.load(str(tmp_path / 'old'))
+  assert loaded_model == model
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(checkpoint.CheckpointError, match='apply to training workdirs only'):
+    hvt_jax.load(str(tmp_path / 'old'), ema=True)
 
 
 def test_export_writes_a_small_params_only_model(workdir, tmp_path):

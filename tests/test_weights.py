@@ -115,14 +115,14 @@ def test_download_then_cached_without_the_server(tiny_release, tmp_path):
   assert cached.read_bytes() == (tiny_release.root / FILE).read_bytes()
   sha = hashlib.sha256(cached.read_bytes()).hexdigest()
   assert json.loads((cached.parent / 'tiny_1.pth.json').read_text())['sha256'] == sha
-  meta = checkpoint.read_model_json(str(tmp_path / 'cache' / 'models' / 'tiny-1'))
+  meta = checkpoint.resolve(str(tmp_path / 'cache' / 'models' / 'tiny-1')).meta
   assert meta['sha256'] == sha and meta['source'] == f'{tiny_release.url}/{FILE}'
   assert not [f for f in _cache_files(tmp_path) if '.part' in f or '.tmp' in f]
 
   tiny_release.stop()
   model2, params2 = hvt_jax.load('tiny-1')  # offline now: the cache alone
   assert model2 == model and _same_params(params2, params)
-  assert checkpoint.read_meta('tiny-1')['sha256'] == sha
+  assert checkpoint.resolve('tiny-1').meta['sha256'] == sha
   (tmp_path / 'tiny-1').mkdir()  # an existing path of that name wins over the published name
   with pytest.raises(checkpoint.CheckpointError, match='holds no model dir'):
     checkpoint.load(str(tmp_path / 'tiny-1'))
@@ -198,7 +198,7 @@ def test_published_name_end_to_end(server, tmp_path, monkeypatch):
   monkeypatch.setenv('HVT_JAX_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('HVT_JAX_WEIGHTS_URL', server.url)
   out = weights.fetch('hvt-ti-1')
-  assert checkpoint.read_model_json(out)['model'] == model_lib.variant('hvt-ti-1')
+  assert checkpoint.resolve(out).meta['model'] == model_lib.variant('hvt-ti-1')
   server.stop()
   from PIL import Image
   Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / 'black.png')

@@ -6,8 +6,8 @@ and decodes only the crop it keeps (`preprocess.train_image` on the JPEG bytes).
 
 Train order is a pure function of (config.seed, process index, epoch): every epoch gets its own
 file order and shuffle seed, and example i of epoch e its own augmentation seed. So the stream
-can start at any epoch without replaying earlier ones, and a saved position (`.state`) resumes
-with exactly the batches the original run would have produced next.
+can start at any epoch without replaying earlier ones, and the train step alone says where to
+resume: with exactly the batches the original run would have produced next.
 
 The train stream is one endless sequence of epochs, cut into batches regardless of epoch ends:
 no example is dropped, and a batch may hold the end of one epoch and the start of the next.
@@ -17,14 +17,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, preprocess
@@ -224,16 +223,14 @@ def _put(batch: dict[str, np.ndarray], sharding_: jax.sharding.Sharding) -> dict
 
 
 class TrainIterator:
-  """Endless global train batches; `.state` is this process's position, JSON-serializable."""
+  """Endless global train batches, placed on the mesh ahead of use."""
 
   def __init__(self, batches: Iterator[dict[str, np.ndarray]], sharding_: jax.sharding.Sharding,
-               *, prefetch: int, step: int, info: dict[str, Any]):
+               *, prefetch: int):
     self._batches = batches
     self._sharding = sharding_
     self._prefetch = max(1, prefetch)
     self._queue: collections.deque = collections.deque()
-    self._step = step
-    self._info = info
 
   def __iter__(self):
     return self
@@ -242,55 +239,31 @@ class TrainIterator:
     # Device transfers are asynchronous: keep `prefetch` batches in flight ahead of the step.
     while len(self._queue) < self._prefetch:
       self._queue.append(_put(next(self._batches), self._sharding))
-    self._step += 1
     return self._queue.popleft()
 
-  @property
-  def state(self) -> dict[str, int]:
-    """Batches handed out so far, plus what they are counted in (checked on resume)."""
-    examples = self._step * self._info['local_batch']
-    return {'step': self._step, 'epoch': examples // self._info['num_examples'],
-            'batch_size': self._info['batch_size'], 'process_count': self._info['process_count'],
-            'seed': self._info['seed']}
 
-
-def _resume_step(state: dict[str, Any] | None, config: ml_collections.ConfigDict,
-                 process_count: int) -> tuple[int, int]:
-  """(step, examples of this process's stream already used) for a saved `.state`."""
-  if not state:
-    return 0, 0
-  step = int(state['step'])
-  saved = (state.get('batch_size', config.batch_size), state.get('process_count', process_count),
-           state.get('seed', config.seed))
-  if saved != (config.batch_size, process_count, config.seed):
-    logging.warning('Input position saved with (batch_size, processes, seed) = %s, now %s: '
-                    'continuing at the same point of the data, but not with identical batches.',
-                    saved, (config.batch_size, process_count, config.seed))
-  return step, step * (saved[0] // saved[1])
-
-
-def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   state: dict[str, Any] | None = None, *,
-                   dataset: datasets.Dataset | None = None, process_index: int | None = None,
+def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int = 0,
+                   *, dataset: datasets.Dataset | None = None, process_index: int | None = None,
                    process_count: int | None = None) -> TrainIterator:
   """Endless {'image': float32 (B, S, S, 3), 'label': int32 (B,)} global batches.
 
-  `state`: a `.state` saved from an earlier iterator, to continue exactly where it stopped.
-  `dataset`: the run's opened dataset; None opens the config's (`datasets.open_dataset`).
-  `process_index` / `process_count` override JAX's, to act as one of several processes (tests,
-  tools); the arrays then hold just that process's rows.
+  `step`: batches already trained on (a resumed run's step). `dataset`: the run's opened
+  dataset; None opens the config's (`datasets.open_dataset`). `process_index` /
+  `process_count` override JAX's, to act as one of several processes (tests, tools); the arrays
+  then hold just that process's rows.
   """
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.batch_size, mesh, count)
   dataset = dataset or datasets.open_dataset(config)
   source = tfds_source(dataset.builder, process_split(config.data.train_split, index, count),
                        cache=config.data.cache)
-  step, start = _resume_step(state, config, count)
+  # The one source of the input position: step * batch_size examples used, an equal part of
+  # them from each process's stream. So the same process count resumes with exactly the
+  # original batches, and another count at the same epoch and fraction of it (new batches).
+  start = step * local_batch
   ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start)
-  info = dict(local_batch=local_batch, num_examples=source.num_examples,
-              batch_size=config.batch_size, process_count=count, seed=config.seed)
   return TrainIterator(ds.as_numpy_iterator(), sharding.batch_sharding(mesh),
-                       prefetch=config.data.prefetch, step=step, info=info)
+                       prefetch=config.data.prefetch)
 
 
 class EvalIterator:

@@ -177,7 +177,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key)
-  model, params = checkpoint.load_model_dir(out, sharding='cpu')
+  model, params = checkpoint.load(out, sharding='cpu')
   print(f'wrote {out}: {model_lib.param_count(params):,} parameters, '
         f'tokens per block {model.tokens_per_block()}')
 

@@ -72,16 +72,14 @@ def _export(source, output, fmt, *, ema, best, step):
     raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}.')
   output = os.path.abspath(output)
   _refuse_existing(output, is_file=fmt == 'pytorch')
-  meta = checkpoint.read_meta(source, step=step, best=best)
-  if 'step' in meta:  # a workdir: pinned to that step, as a run still training may save a newer one
-    step, best = meta['step'], False
-  model, params = checkpoint.load(source, step=step, ema=ema, best=best, sharding='cpu')
-  if 'step' in meta:
-    which = f'{"EMA" if ema else "raw"} weights of step {meta["step"]} of {os.path.abspath(source)}'
+  saved = checkpoint.resolve(source, step=step, best=best, ema=ema)
+  model, params = checkpoint.restore(saved, sharding='cpu')
+  if saved.step is not None:
+    which = f'{"EMA" if ema else "raw"} weights of step {saved.step} of {os.path.abspath(source)}'
   else:
-    which = f'{source} ({meta.get("source", "a model dir")})'
+    which = f'{source} ({saved.meta.get("source", "a model dir")})'
   # Kept: the eval transform, class names, provenance of published weights.
-  extra = {k: v for k, v in meta.items() if k not in ('model', 'step', 'source')}
+  extra = {k: v for k, v in saved.meta.items() if k not in ('model', 'source')}
   write = {'orbax': checkpoint.save_model, 'stablehlo': write_stablehlo,
            'savedmodel': write_savedmodel, 'pytorch': write_pytorch}[fmt]
   return write(output, model, params, **extra, source=f'exported {which}'), model, params

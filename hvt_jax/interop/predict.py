@@ -64,9 +64,9 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
 
 def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
-  meta = checkpoint.read_meta(model_path)
-  # For a workdir, the weights of the step the metadata came from.
-  model, params = checkpoint.load(model_path, step=meta.get('step'), ema=ema)
+  saved = checkpoint.resolve(model_path, ema=ema)
+  model, params = checkpoint.restore(saved)
+  meta = saved.meta
   settings = meta.get('preprocess') or defaults.eval_transform()
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))

@@ -3,8 +3,8 @@
   model, params = hvt_jax.load('hvt-s-1')
   python -m hvt_jax.predict --model=hvt-s-1 cat.jpg
 
-Every reader of model paths (`checkpoint.load` and `checkpoint.read_meta`, so
-also `--config.init_from`, predict and export) passes the path through
+Every reader of model paths (`checkpoint.resolve`, behind `hvt_jax.load`,
+`--config.init_from`, predict and export) passes the path through
 `local_path`: a published name that is not an existing path becomes the cached
 model dir. The cache (`$HVT_JAX_CACHE`, default `~/.cache/hvt_jax`) holds
 

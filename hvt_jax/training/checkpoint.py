@@ -1,17 +1,20 @@
 """Orbax storage of HVT weights, and `load`, which rebuilds a model from any of them.
 
-A *model dir* holds `model.json` (the `HVT` fields and where the weights came
-from) and `params/` (an Orbax PyTree of float32 arrays). The converter and the
-exporter write one. A training workdir keeps an Orbax CheckpointManager under
-`checkpoints/`; each saved step holds the items `params`, `ema_params`, `opt`
-(optimizer state, step, rng), `data` (each process's input position) and
-`model` (the `HVT` fields), so weights can be read without the optimizer.
-Nothing here overwrites a saved model: writes go to a temporary directory that
-is renamed into place only once complete.
+Saved weights always come as one pair: `params/` (an Orbax PyTree of float32
+arrays) beside a JSON dict of metadata (`model`: the `HVT` fields; the eval
+transform, class names, provenance). A *model dir* is just that pair, the JSON
+in `model.json`; the converter and the exporter write one. A training workdir
+keeps an Orbax CheckpointManager under `checkpoints/`; each saved step is the
+same pair (the JSON as the item `model`, in `model/metadata`) plus
+`ema_params/` and `opt/` (optimizer state, step, rng), so weights are read
+without the optimizer. `resolve` finds the pair for any path, `restore` reads
+the weights. Nothing here overwrites a saved model: writes go to a temporary
+directory that is renamed into place only once complete.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +32,7 @@ from hvt_jax.interop import weights
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
+STEP_META_FILE = 'model/metadata'  # a training step's metadata: Orbax's JsonSave of item `model`
 
 
 class CheckpointError(UserError):
@@ -39,20 +43,6 @@ def _write_json(path: str, obj: Any) -> None:
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write('\n')
-
-
-def read_model_json(directory: str) -> dict[str, Any]:
-  path = epath.Path(directory) / MODEL_FILE
-  try:
-    meta = json.loads(path.read_text())
-    config = meta['model']
-    model_lib.HVT(**config)  # raises on impossible settings
-  except FileNotFoundError:
-    raise CheckpointError(f'{directory} has no {MODEL_FILE}: not an hvt_jax model dir.') from None
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{path} is corrupt ({type(e).__name__}: {e}); re-export or '
-                          're-convert the model.') from None
-  return meta
 
 
 def save_model(directory: str, model: model_lib.HVT, params, **meta) -> str:
@@ -127,20 +117,6 @@ def restore_tree(path: str, sharding=None):
                           'the checkpoint is corrupt or incomplete.') from None
 
 
-def _checked_params(model: model_lib.HVT, params, where: str):
-  expected = model_lib.abstract_params(model)
-  if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(lambda a: a.shape, expected):
-    raise CheckpointError(f'{where}: the saved weights do not match the saved model config; the '
-                          'checkpoint is corrupt.')
-  return params
-
-
-def load_model_dir(directory: str, sharding=None):
-  model = model_lib.HVT(**read_model_json(directory)['model'])
-  return model, _checked_params(model, restore_tree(os.path.join(directory, PARAMS_DIR), sharding),
-                                directory)
-
-
 # --- training checkpoints -------------------------------------------------------
 
 CHECKPOINTS_DIR = 'checkpoints'
@@ -156,49 +132,58 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   ])
   options = ocp.CheckpointManagerOptions(best_fn=best, best_mode='max', preservation_policy=policy,
                                          read_only=read_only, create=not read_only)
+  # Steps saved before this version also hold `data` (input positions); restore skips it.
   return ocp.CheckpointManager(os.path.join(_absolute(workdir), CHECKPOINTS_DIR), options=options,
-                               item_names=('params', 'ema_params', 'opt', 'data', 'model'))
+                               item_names=('params', 'ema_params', 'opt', 'model'))
 
 
-def save_train(mngr: ocp.CheckpointManager, state, meta: dict[str, Any], data_states: list,
+def save_train(mngr: ocp.CheckpointManager, state, meta: dict[str, Any],
                metrics: dict | None = None) -> None:
-  """`meta` is what a model dir's model.json holds (`model`, `preprocess`, `class_names`)."""
+  """`meta` is what a model dir's model.json holds (`model`, `preprocess`, `class_names`).
+
+  The input position needs no saving: it follows from the step (see
+  input_pipeline.train_iterator). Only the process count is noted, so that a
+  resume on another count can say that its batches differ.
+  """
   step = int(state.step)
   items = dict(
       params=ocp.args.StandardSave(state.params),
       opt=ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}),
-      data=ocp.args.JsonSave(data_states),
       model=ocp.args.JsonSave(meta),
   )
   if state.ema_params is not None:
     items['ema_params'] = ocp.args.StandardSave(state.ema_params)
-  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True,
+            custom_metadata={'process_count': jax.process_count()})
 
 
-def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings):
-  """The train state at `step` on `shardings`, and the saved per-process data positions."""
+def restore_train(mngr: ocp.CheckpointManager, step: int, template, shardings):
+  """The train state at `step` on `shardings`, and how many processes saved it (None if unknown).
+
+  `template`: a train state (or its `jax.eval_shape`) giving the shapes and dtypes.
+  """
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+                        template, shardings)
   items = dict(
       params=ocp.args.StandardRestore(target.params),
       opt=ocp.args.StandardRestore({'opt_state': target.opt_state, 'step': target.step,
                                     'rng': target.rng}),
-      data=ocp.args.JsonRestore(),
   )
   if target.ema_params is not None:
     items['ema_params'] = ocp.args.StandardRestore(target.ema_params)
   where = os.path.join(str(mngr.directory), str(step))
   try:
     r = mngr.restore(step, args=ocp.args.Composite(**items))
+    custom = mngr.metadata(step).custom_metadata or {}
   except Exception as e:  # Orbax raises many types for damaged or mismatched files
     raise CheckpointError(
         f'cannot restore the checkpoint at {where} ({type(e).__name__}: {str(e)[:300]}). If it is '
         'damaged, move that step directory out of checkpoints/ to resume from an earlier step; '
         'if the config changed, use a new --workdir. Nothing was modified.') from None
-  state = abstract_state.replace(
+  state = template.replace(
       step=r['opt']['step'], params=r['params'], opt_state=r['opt']['opt_state'],
       rng=r['opt']['rng'], ema_params=r['ema_params'] if 'ema_params' in items else None)
-  return state, r['data']
+  return state, custom.get('process_count')
 
 
 @contextlib.contextmanager
@@ -231,28 +216,63 @@ def _step_dir(path: str, step: int | None, best: bool) -> tuple[str, int]:
   return str(ckpt_dir / str(step)), step
 
 
-def _step_meta(path: str, step: int | None, best: bool) -> tuple[str, dict[str, Any]]:
-  """The chosen step's directory and its model metadata (as in model.json) plus `step`."""
-  step_dir, step = _step_dir(path, step, best)
+@dataclasses.dataclass(frozen=True)
+class Saved:
+  """One set of saved weights and its metadata: a model dir, or one step of a training workdir."""
+  params_dir: str  # the Orbax PyTree of the chosen weights (raw or EMA)
+  meta: dict[str, Any]  # model.json's contents: `model` (the HVT fields), `preprocess`, ...
+  step: int | None  # the training step; None for a model dir
+
+  @property
+  def model(self) -> model_lib.HVT:
+    return model_lib.HVT(**self.meta['model'])
+
+
+def _read_meta(path: epath.Path, fix: str) -> dict[str, Any]:
+  """The metadata JSON of either form, checked to describe a valid model."""
   try:
-    meta = json.loads((epath.Path(step_dir) / 'model' / 'metadata').read_text())
+    meta = json.loads(path.read_text())
     model_lib.HVT(**meta['model'])  # raises on impossible settings
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'{step_dir}: the model config is missing or corrupt ({e}).') from None
-  return step_dir, {**meta, 'step': step}
+  except FileNotFoundError:
+    raise CheckpointError(f'{path} is missing; {fix}') from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'{path} is corrupt ({type(e).__name__}: {e}); {fix}') from None
+  return meta
 
 
-def read_step_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
-  """A training checkpoint's model metadata (as in model.json), plus its `step`."""
-  return _step_meta(path, step, best)[1]
+def resolve(path: str, *, step: int | None = None, best: bool = False,
+            ema: bool = False) -> Saved:
+  """What `path` holds: a model dir, or a training workdir (or its `checkpoints/`) at the
+  latest step, or `step`, or the best by eval top-1 (`best`), raw or EMA (`ema`) weights.
 
-
-def read_meta(path: str, *, step: int | None = None, best: bool = False) -> dict[str, Any]:
-  """model.json's contents for a model dir; for a workdir, the chosen step's, plus `step`."""
+  The metadata is read here, once; the weights are read by `restore`.
+  """
   path = weights.local_path(path)  # a published name: its cached model dir
+  if not epath.Path(path).exists():
+    raise CheckpointError(f'{path}: no such model dir or workdir.')
   if (epath.Path(path) / MODEL_FILE).exists():
-    return read_model_json(path)
-  return read_step_meta(path, step=step, best=best)
+    if step is not None or best or ema:
+      raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
+                            'apply to training workdirs only.')
+    meta = _read_meta(epath.Path(path) / MODEL_FILE, 're-export or re-convert the model.')
+    return Saved(os.path.join(path, PARAMS_DIR), meta, None)
+  step_dir, step = _step_dir(path, step, best)
+  meta = _read_meta(epath.Path(step_dir) / STEP_META_FILE, 'choose another step.')
+  item = 'ema_params' if ema else 'params'
+  if not (epath.Path(step_dir) / item).is_dir():
+    raise CheckpointError(f'{step_dir} has no {item} (was EMA off in that run?).')
+  return Saved(os.path.join(step_dir, item), meta, step)
+
+
+def restore(saved: Saved, sharding=None):
+  """`(model, params)` of what `resolve` found; `sharding` as for `load`."""
+  model = saved.model
+  params = restore_tree(saved.params_dir, sharding)
+  if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(
+      lambda a: a.shape, model_lib.abstract_params(model)):
+    raise CheckpointError(f'{os.path.dirname(saved.params_dir)}: the saved weights do not match '
+                          'the saved model config; the checkpoint is corrupt.')
+  return model, params
 
 
 def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = False,
@@ -267,17 +287,4 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   of Shardings matching the parameters; the device count that saved them does
   not matter. A published name (`'hvt-s-1'`) gives the release's weights, downloaded once.
   """
-  path = weights.local_path(path)  # a published name: its cached model dir
-  if not epath.Path(path).exists():
-    raise CheckpointError(f'{path}: no such model dir or workdir.')
-  if (epath.Path(path) / MODEL_FILE).exists():
-    if step is not None or best or ema:
-      raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
-                            'apply to training workdirs only.')
-    return load_model_dir(path, sharding)
-  step_dir, meta = _step_meta(path, step, best)
-  item = 'ema_params' if ema else 'params'
-  if not (epath.Path(step_dir) / item).is_dir():
-    raise CheckpointError(f'{step_dir} has no {item} (was EMA off in that run?).')
-  model = model_lib.HVT(**meta['model'])
-  return model, _checked_params(model, restore_tree(os.path.join(step_dir, item), sharding), step_dir)
+  return restore(resolve(path, step=step, best=best, ema=ema), sharding)

@@ -2,14 +2,13 @@
 
 `train_and_evaluate(config, workdir)` is what `python -m hvt_jax.main` runs. A
 rerun of the same command in the same workdir resumes from the latest
-checkpoint (model, optimizer, EMA, step, rng and each process's input position)
-and ends with the parameters an uninterrupted run would have had.
+checkpoint (model, optimizer, EMA, step and rng; the input position follows from
+the step) and ends with the parameters an uninterrupted run would have had.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import signal
 import threading
@@ -19,9 +18,9 @@ from typing import Callable
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -59,19 +58,6 @@ def check_or_write_config(workdir: str, config: ml_collections.ConfigDict) -> No
                        f'its own config ({path}) or pass a new --workdir.')
   elif jax.process_index() == 0:
     path.write_text(json.dumps(current, indent=2))
-
-
-def all_process_states(local_state, size: int = 4096) -> list:
-  """Every process's input position, gathered so that process 0 can save them all."""
-  if jax.process_count() == 1:
-    return [local_state]
-  blob = json.dumps(local_state).encode()
-  if len(blob) > size:
-    raise TrainError(f'input position of {len(blob)} bytes exceeds {size}.')
-  buf = np.zeros(size, np.uint8)
-  buf[:len(blob)] = np.frombuffer(blob, np.uint8)
-  rows = multihost_utils.process_allgather(buf)
-  return [json.loads(bytes(row).rstrip(b'\0')) for row in np.asarray(rows)]
 
 
 def evaluate(eval_step, state: train_step.TrainState, eval_batches) -> dict[str, float]:
@@ -170,10 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
   tx = optim.make(config.optim, schedule)
-  make_state = functools.partial(train_step.init_state, model, tx, ema=config.ema_decay > 0)
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(make_state, rng)
-  shardings = train_step.state_shardings(abstract, mesh)
+  # A resumed run replaces this fresh state with the checkpoint's (after seconds of init).
+  state, shardings = train_step.create_state(model, tx, jax.random.key(config.seed),
+                                             ema=config.ema_decay > 0, mesh=mesh)
   p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
   run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
@@ -185,25 +170,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   with contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
        contextlib.closing(_writer(workdir)) as writer:
     latest = mngr.latest_step()
-    data_state = None
     if latest is not None:
-      state, data_states = checkpoint.restore_train(mngr, latest, abstract, shardings)
-      if len(data_states) == jax.process_count():
-        data_state = data_states[jax.process_index()]
-      else:
-        logging.warning('checkpoint saved by %d processes, now %d: the input restarts its order.',
-                        len(data_states), jax.process_count())
+      state = _resume(mngr, latest, state, shardings)
       logging.info('Resumed %s from step %d.', workdir, latest)
-    else:
-      state = jax.jit(make_state, out_shardings=shardings)(rng)
-      if config.init_from:
-        state = _start_from(state, config.init_from, shardings)
+    elif config.init_from:
+      state = _start_from(state, config.init_from, shardings)
     if config.eval_only:
       if latest is None and not config.init_from:
         raise TrainError(f'eval_only: {workdir} has no checkpoint; pass '
                          '--config.init_from=MODEL_DIR.')
       return _eval_only(run, state, writer)
-    return _train(run, state, data_state, mngr, writer)
+    return _train(run, state, mngr, writer)
 
 
 def _eval_only(run: Run, state, writer) -> train_step.TrainState:
@@ -218,14 +195,30 @@ def _eval_only(run: Run, state, writer) -> train_step.TrainState:
   return state
 
 
-def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
+def _resume(mngr, step: int, state, shardings) -> train_step.TrainState:
+  """The state saved at `step`. The input needs nothing saved: it restarts at example
+  step * batch_size of the data (input_pipeline.train_iterator)."""
+  state, processes = checkpoint.restore_train(mngr, step, state, shardings)
+  if processes is not None and processes != jax.process_count():
+    logging.warning('The checkpoint was saved by %d processes, now %d: the input continues at the '
+                    'same epoch and example, but its batches differ from the original run\'s.',
+                    processes, jax.process_count())
+  return state
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict:
+  """The config as flat 'a.b' keys, values TensorBoard takes (others as strings)."""
+  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+  return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   config, step = run.config, int(state.step)
   if step == 0:
-    writer.write_hparams(dict(_flatten(json.loads(config.to_json_best_effort()))))
+    writer.write_hparams(_hparams(config))
   logging.info('Training %s for %d steps (%d per epoch) on %d devices, mesh %s.', run.workdir,
                run.total_steps, run.steps_per_epoch, jax.device_count(), dict(run.mesh.shape))
-  train_batches = input_pipeline.train_iterator(config, run.mesh, state=data_state,
-                                                dataset=run.dataset)
+  train_batches = input_pipeline.train_iterator(config, run.mesh, step=step, dataset=run.dataset)
   eval_batches = input_pipeline.eval_iterator(config, run.mesh, dataset=run.dataset)
   report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
@@ -255,8 +248,7 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
       eval_metrics = {checkpoint.BEST_METRIC: results['eval/top1']}
     preempted = stop.is_set() or mngr.reached_preemption(step)
     if eval_metrics or preempted or last or step % config.checkpoint_every_steps == 0:
-      checkpoint.save_train(mngr, state, run.meta, all_process_states(train_batches.state),
-                            eval_metrics)
+      checkpoint.save_train(mngr, state, run.meta, eval_metrics)
     if preempted:
       logging.warning('Stopped at step %d (SIGTERM/preemption) after saving; rerun the same '
                       'command to resume.', step)
@@ -266,11 +258,3 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
   if jax.process_index() == 0:
     logging.info('Curves: %s', curves.plot(run.workdir))
   return state
-
-
-def _flatten(d: dict, prefix: str = ''):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f'{prefix}{k}.')
-    else:
-      yield f'{prefix}{k}', v if isinstance(v, (int, float, str, bool)) else str(v)

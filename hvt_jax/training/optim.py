@@ -1,4 +1,4 @@
-"""The optimizer of the recipe: AdamW, linear lr scaling, warmup then cosine, selective decay, EMA."""
+"""The optimizer of the recipe: AdamW, linear lr scaling, warmup then cosine, selective decay."""
 from __future__ import annotations
 
 import jax
@@ -50,7 +50,3 @@ def make(optim, schedule) -> optax.GradientTransformation:
   if optim.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
   return adamw
-
-
-def ema_update(ema, params, decay: float):
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)

@@ -64,8 +64,3 @@ def param_spec(shape: Sequence[int], mesh: jax.sharding.Mesh, axis: str = 'fsdp'
       spec[dim] = axis
       return jax.P(*spec)
   return jax.P()
-
-
-def param_shardings(params, mesh: jax.sharding.Mesh):
-  """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs)."""
-  return jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, param_spec(p.shape, mesh)), params)

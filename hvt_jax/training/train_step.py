@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from hvt_jax.data import mixup
-from hvt_jax.training import optim, sharding
+from hvt_jax.training import sharding
 from hvt_jax import model as model_lib
 
 
@@ -65,7 +65,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
   if ema is not None:
-    ema = optim.ema_update(ema, params, config.ema_decay)
+    # step_size * new + (1 - step_size) * old: the EMA keeps `ema_decay` of its old value.
+    ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
   metrics = {
       'loss': loss,
       'grad_norm': optax.global_norm(grads),
