@@ -16,6 +16,7 @@ import hvt_jax
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import export
 from hvt_jax import model as model_lib
+from tests import tiny_config
 from tests.helpers import REPO, run, run_main
 
 
