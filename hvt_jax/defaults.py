@@ -53,6 +53,7 @@ def train_config() -> ml_collections.ConfigDict:
   )
 
   c.batch_size = 1024  # global, over all processes
+  c.accum_steps = 1  # k > 1: each step sums the gradients of k micro-batches of batch_size / k
   c.eval_batch_size = 1024
   c.num_epochs = 300
   c.max_steps = -1  # >0: stop after this many steps (schedules still follow num_epochs)
