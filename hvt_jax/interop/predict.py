@@ -31,6 +31,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('ema', False, 'for a workdir: use the EMA weights')
   flags.DEFINE_integer('top', 5, 'how many classes to print per image')
   flags.DEFINE_integer('batch', 32, 'images per forward pass')
+  flags.DEFINE_integer('image_size', None, 'run the model at this size, its position '
+                       'embeddings resampled from the saved ones (default: its own size)')
   flags.mark_flags_as_required(['model'])
 
 
@@ -60,11 +62,13 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
     raise ImageError(f'{path}: {reason} ({e.message.splitlines()[0][:120]})') from None
 
 
-def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32):
+def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32,
+            image_size: int | None = None):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
   meta = checkpoint.read_meta(model_path)
   # For a workdir, the weights of the step the metadata came from.
-  model, params = checkpoint.load(model_path, step=meta.get('step'), ema=ema)
+  model, params = checkpoint.load(model_path, step=meta.get('step'), ema=ema,
+                                  image_size=image_size)
   settings = meta.get('preprocess') or defaults.eval_preprocess(defaults.train_config().aug)
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))
@@ -93,7 +97,8 @@ def main(argv):
   if not paths:
     raise UserError('give one or more image files after the flags.')
   failed = 0
-  for path, result in predict(FLAGS.model, paths, ema=FLAGS.ema, top=FLAGS.top, batch=FLAGS.batch):
+  for path, result in predict(FLAGS.model, paths, ema=FLAGS.ema, top=FLAGS.top, batch=FLAGS.batch,
+                              image_size=FLAGS.image_size):
     if isinstance(result, str):
       failed += 1
       print(f'predict: error: {result}', file=sys.stderr)

@@ -25,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.model import resample
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
@@ -254,7 +255,7 @@ def read_meta(path: str, *, step: int | None = None, best: bool = False) -> dict
 
 
 def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = False,
-         sharding=None):
+         sharding=None, image_size: int | None = None):
   """`(model, params)` for `model.apply({'params': params}, images)`, from any saved form.
 
   `path` is a model dir (converted or exported), a training workdir, or its
@@ -263,8 +264,12 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   optimizer state is never read. `sharding` places the weights: None for the
   default device, 'cpu' for host memory, a Sharding for every array, or a tree
   of Shardings matching the parameters; the device count that saved them does
-  not matter.
+  not matter. `image_size` returns the model at another size, its position embeddings
+  resampled (`model.resample`).
   """
+  if image_size is not None:
+    loaded = load(path, step=step, best=best, ema=ema, sharding=sharding)
+    return resample.at_size(*loaded, image_size)
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path}: no such model dir or workdir.')
   if (epath.Path(path) / MODEL_FILE).exists():

@@ -103,10 +103,13 @@ def _stop_on_sigterm() -> threading.Event:
   return stop
 
 
-def _start_from(state, init_from: str, shardings):
-  """Weights of a model dir or workdir as the starting point (fine-tuning): a head of
-  another class count is left freshly initialized; any other mismatch is an error."""
-  _, params = checkpoint.load(init_from, sharding=shardings.params)
+def _start_from(state, init_from: str, shardings, image_size: int):
+  """Weights of a model dir or workdir as the starting point (fine-tuning): position
+  embeddings are resampled to `image_size`; a head of another class count is left freshly
+  initialized; any other mismatch is an error."""
+  # Loaded replicated: a resampled embedding's layout follows its new shape, set at the end.
+  whole = jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, jax.P()), shardings.params)
+  _, params = checkpoint.load(init_from, sharding=whole, image_size=image_size)
   new = dict(state.params)
   for name, value in params.items():
     target = new.get(name)
@@ -118,6 +121,7 @@ def _start_from(state, init_from: str, shardings):
       raise TrainError(f'init_from {init_from}: {name} does not fit this model '
                        f'({shapes[0]} vs {shapes[1]}); use weights of the same architecture.')
     new[name] = value
+  new = jax.device_put(new, shardings.params)
   ema = new if state.ema_params is not None else None
   return state.replace(params=new, ema_params=ema)
 
@@ -195,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     else:
       state = jax.jit(make_state, out_shardings=shardings)(rng)
       if config.init_from:
-        state = _start_from(state, config.init_from, shardings)
+        state = _start_from(state, config.init_from, shardings, config.model.image_size)
     if config.eval_only:
       if latest is None and not config.init_from:
         raise TrainError(f'eval_only: {workdir} has no checkpoint; pass '
