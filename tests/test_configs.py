@@ -66,5 +66,18 @@ def test_every_key_a_config_file_sets_exists_in_the_defaults():
   keys = lambda c, p='': {p + k for k in c.keys()} | {
       x for k in c.keys() if hasattr(c[k], 'keys') for x in keys(c[k], f'{p}{k}.')}
   base = keys(defaults.train_config())
-  for name in ('hvt_s', 'hvt_ti', 'demo'):
-    assert keys(get_config(name)) == base, name
+  for name, arg in (('hvt_s', None), ('hvt_ti', None), ('demo', None),
+                    ('finetune', 'init_from=/tmp/m')):
+    assert keys(get_config(name, arg)) == base, name
+
+
+def test_finetune_is_deits_384_recipe_from_saved_weights():
+  config = get_config('finetune', 'init_from=/tmp/m,model=hvt-ti-1,data=cifar100')
+  assert config.init_from == '/tmp/m' and config.model.image_size == 384
+  assert config.model.pool_every == 12 and config.model.num_classes == 100
+  assert (config.optim.lr, config.optim.min_lr, config.optim.weight_decay) == (5e-6, 5e-6, 1e-8)
+  assert (config.batch_size, config.optim.lr_base_batch, config.num_epochs) == (512, 512, 30)
+  with pytest.raises(UserError, match='needs init_from=DIR'):
+    get_config('finetune')
+  with pytest.raises(UserError, match='image size 380 is not divisible by patch size 16'):
+    model_lib.HVT(**get_config('finetune', 'init_from=/m,size=380').model).tokens_per_block()
