@@ -4,16 +4,14 @@
       --workdir=/tmp/hvt_s1_384
 
 The weights of `init_from` (a converted or exported model dir, or a training workdir) start
-the run: position embeddings are resampled to `size` (README, "Another resolution"), and a
-head of another class count starts fresh. The recipe is DeiT's 384 fine-tune (DeiT README:
+the run, and its saved model config is the architecture: position embeddings are resampled to
+`size` (README, "Another resolution"), and a head of another class count starts fresh. The recipe is DeiT's 384 fine-tune (DeiT README:
 `--lr 5e-6 --weight-decay 1e-8 --epochs 30 --min-lr 5e-6` at a global batch of 512, warmup
 and augmentation as in training): a constant lr of 5e-6 per 512 images after 5 warmup epochs.
 
-Arguments (comma separated, e.g. `configs/finetune.py:init_from=DIR,model=hvt-ti-1,size=320`):
+Arguments (comma separated, e.g. `configs/finetune.py:init_from=DIR,size=320,data=cifar100`):
   init_from  the weights to start from. Required.
-  model      the architecture of those weights: hvt-s-0 .. hvt-s-4, hvt-ti-1, deit-ti, deit-s.
-             Default hvt-s-1.
-  size       image size to fine-tune at; a multiple of the patch (16). Default 384.
+  size       image size to fine-tune at; a multiple of the patch size. Default 384.
   data       imagenet2012 | cifar100 | hvt_digits (sets the class count). Default imagenet2012.
   epochs     default 30.
   accum      micro-batches per step (`accum_steps`) where 512 images at `size` do not fit.
@@ -23,19 +21,17 @@ no 384 figure is published for HVT. Without any fine-tuning, resampling alone ke
 the accuracy: the digits demo keeps its held-out top-1 from 32 to 48 px (README).
 """
 from hvt_jax import defaults
-from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.training import checkpoint
 
 
 def get_config(arg=None):
-  arg = defaults.parse_arg(arg, init_from='', model='hvt-s-1', size=384, data='imagenet2012',
-                           epochs=30, accum=1)
+  arg = defaults.parse_arg(arg, init_from='', size=384, data='imagenet2012', epochs=30, accum=1)
   if not arg.init_from:
     raise UserError('configs/finetune.py needs init_from=DIR: the model dir or workdir whose '
                     'weights to fine-tune.')
   config = defaults.train_config()
-  config.model = model_lib.variant(arg.model, image_size=arg.size, drop_path=0.1,
-                                   dtype='bfloat16')
+  config.model = {**checkpoint.read_meta(arg.init_from)['model'], 'image_size': arg.size}
   defaults.use_dataset(config, arg.data)
   config.init_from = arg.init_from
   config.num_epochs = arg.epochs

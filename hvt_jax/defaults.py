@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 
 from hvt_jax import model as model_lib
+from hvt_jax.data import folders
 from hvt_jax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,8 +26,11 @@ def train_config() -> ml_collections.ConfigDict:
 
   c.data = dict(
       name='imagenet2012',  # a TFDS image-classification dataset, or 'hvt_digits' (offline demo)
-      data_dir=None,  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-      manual_dir=None,  # imagenet2012's two tars; None: <data_dir>/downloads/manual
+      # TFDS data_dir, or an image folder's root; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      # Both are str placeholders: a plain None could not be set from the command line.
+      data_dir=ml_collections.config_dict.placeholder(str),
+      manual_dir=ml_collections.config_dict.placeholder(str),  # imagenet2012's tars; None:
+      # <data_dir>/downloads/manual
       train_split='train',
       eval_split='validation',
       shuffle_buffer=25_000,  # examples per process, shuffled before decoding
@@ -98,8 +102,10 @@ DATASETS = {
 
 
 def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name.startswith('folder:'):  # an image folder: ROOT/train/<class>/*, ROOT/val/<class>/*
+    return folders.use(config, name.partition(':')[2])
   if name not in DATASETS:
-    raise UserError(f'data={name!r}: choose one of {", ".join(DATASETS)} (or set '
+    raise UserError(f'data={name!r}: choose one of {", ".join(DATASETS)}, folder:ROOT (or set '
                     '--config.data.name, data.eval_split and model.num_classes for another).')
   config.data.name = name
   config.data.eval_split = DATASETS[name]['eval_split']

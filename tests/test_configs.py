@@ -1,11 +1,14 @@
 import importlib.util
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import REPO
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.training import checkpoint
 
 
 def get_config(name, arg=None):
@@ -66,18 +69,29 @@ def test_every_key_a_config_file_sets_exists_in_the_defaults():
   keys = lambda c, p='': {p + k for k in c.keys()} | {
       x for k in c.keys() if hasattr(c[k], 'keys') for x in keys(c[k], f'{p}{k}.')}
   base = keys(defaults.train_config())
-  for name, arg in (('hvt_s', None), ('hvt_ti', None), ('demo', None),
-                    ('finetune', 'init_from=/tmp/m')):
-    assert keys(get_config(name, arg)) == base, name
+  for name in ('hvt_s', 'hvt_ti', 'demo'):
+    assert keys(get_config(name)) == base, name
 
 
-def test_finetune_is_deits_384_recipe_from_saved_weights():
-  config = get_config('finetune', 'init_from=/tmp/m,model=hvt-ti-1,data=cifar100')
-  assert config.init_from == '/tmp/m' and config.model.image_size == 384
-  assert config.model.pool_every == 12 and config.model.num_classes == 100
+@pytest.fixture
+def model_dir(tmp_path):
+  model = model_lib.create('hvt-ti-1')
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_lib.abstract_params(model))
+  return checkpoint.save_model(str(tmp_path / 'ti'), model, params)
+
+
+def test_finetune_is_deits_384_recipe_from_saved_weights(model_dir):
+  config = get_config('finetune', f'init_from={model_dir},data=cifar100')
+  assert set(config.keys()) == set(defaults.train_config().keys())
+  assert config.init_from == model_dir and config.model.image_size == 384
+  assert config.model.pool_every == 12 and config.model.num_heads == 3  # the saved architecture
+  assert config.model.num_classes == 100
   assert (config.optim.lr, config.optim.min_lr, config.optim.weight_decay) == (5e-6, 5e-6, 1e-8)
   assert (config.batch_size, config.optim.lr_base_batch, config.num_epochs) == (512, 512, 30)
   with pytest.raises(UserError, match='needs init_from=DIR'):
     get_config('finetune')
+  with pytest.raises(UserError, match='holds no model dir'):
+    get_config('finetune', 'init_from=/nonexistent/m')
   with pytest.raises(UserError, match='image size 380 is not divisible by patch size 16'):
-    model_lib.HVT(**get_config('finetune', 'init_from=/m,size=380').model).tokens_per_block()
+    model_lib.HVT(**get_config('finetune', f'init_from={model_dir},size=380').model
+                  ).tokens_per_block()

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from hvt_jax.data import digits  # noqa: F401  (defining the builder registers `hvt_digits`)
+from hvt_jax.data import folders
 from hvt_jax.errors import UserError
 
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -124,6 +125,8 @@ def check_split(b: tfds.core.DatasetBuilder, split: str, key: str) -> int:
 
 def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(num_train, num_eval, num_classes), preparing the dataset if needed."""
+  if config.data.name == folders.NAME:
+    return folders.dataset_info(config)
   b = ensure_prepared(config)
   num_train = check_split(b, config.data.train_split, 'data.train_split')
   num_eval = check_split(b, config.data.eval_split, 'data.eval_split')

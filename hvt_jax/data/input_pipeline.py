@@ -26,7 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from hvt_jax.data import datasets, preprocess
+from hvt_jax.data import datasets, folders, preprocess
 from hvt_jax.training import sharding
 from hvt_jax.errors import UserError
 
@@ -54,6 +54,10 @@ class Source:
   """
   num_examples: int
   read: Callable[[tf.Tensor | None], tf.data.Dataset]
+  # Image folders: training leaves out files it cannot decode (TensorFlow logs each one);
+  # eval names them with `undecodable()`, which decodes every file of the share.
+  skip_undecodable: bool = False
+  undecodable: Callable[[], list[str]] | None = None
 
 
 def process_split(split: str, process_index: int, process_count: int):
@@ -104,6 +108,42 @@ def memory_source(images: np.ndarray, labels: np.ndarray) -> Source:
   ds = tf.data.Dataset.from_tensor_slices(
       {'image': tf.constant(images, tf.string), 'label': tf.constant(labels, tf.int64)})
   return Source(len(labels), lambda order_key: ds)
+
+
+def folder_source(listing: folders.Listing, process_index: int, process_count: int) -> Source:
+  """Every `process_count`-th file of a listed image folder, from `process_index` on.
+
+  Strided, so every process gets every class. With an `order_key` the whole share is
+  permuted; files are read inside tf.data.
+  """
+  paths = listing.paths[process_index::process_count].astype(str)
+  labels = listing.labels[process_index::process_count]
+  if not len(paths):
+    return memory_source(np.array([], dtype=object), np.array([], np.int64))
+  paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+
+  def read(order_key):
+    order = tf.range(len(paths), dtype=tf.int64)
+    if order_key is not None:
+      order = tf.random.experimental.stateless_shuffle(order, seed=order_key, alg='philox')
+    return tf.data.Dataset.from_tensor_slices(order).map(
+        lambda i: {'image': tf.io.read_file(paths_t[i]), 'label': labels_t[i]},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return Source(len(paths), read, skip_undecodable=True,
+                undecodable=lambda: folders.undecodable(paths))
+
+
+def split_source(config: ml_collections.ConfigDict, split: str, key: str, process_index: int,
+                 process_count: int) -> tuple[Source, int]:
+  """This process's share of `split` (TFDS or image folder), and the whole split's size."""
+  if config.data.name == folders.NAME:
+    listing = folders.listing(config, split)
+    return folder_source(listing, process_index, process_count), len(listing.labels)
+  b = datasets.ensure_prepared(config)
+  total = datasets.check_split(b, split, key)
+  return tfds_source(b, process_split(split, process_index, process_count),
+                     cache=config.data.cache), total
 
 
 def _key(*parts) -> tf.Tensor:
@@ -164,6 +204,8 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if source.skip_undecodable:
+    ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
 
@@ -280,10 +322,7 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.batch_size, mesh, count)
-  b = datasets.ensure_prepared(config)
-  datasets.check_split(b, config.data.train_split, 'data.train_split')
-  source = tfds_source(b, process_split(config.data.train_split, index, count),
-                       cache=config.data.cache)
+  source, _ = split_source(config, config.data.train_split, 'data.train_split', index, count)
   step, start = _resume_step(state, config, count)
   ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start)
   info = dict(local_batch=local_batch, num_examples=source.num_examples,
@@ -300,8 +339,9 @@ class EvalIterator:
   """
 
   def __init__(self, dataset: tf.data.Dataset, sharding_: jax.sharding.Sharding, *,
-               local_batch: int, num_batches: int, num_examples: int):
+               local_batch: int, num_batches: int, num_examples: int, undecodable=None):
     self._dataset = dataset
+    self._undecodable = undecodable
     self._sharding = sharding_
     self._local_batch = local_batch
     self._num_batches = num_batches
@@ -314,7 +354,7 @@ class EvalIterator:
     rows = self._local_batch
     batches = self._dataset.as_numpy_iterator()
     for _ in range(self._num_batches):
-      batch = next(batches, None)
+      batch = self._next(batches)
       have = 0 if batch is None else len(batch['label'])
       if batch is None:
         batch = {'image': np.zeros((0,) + self._dataset.element_spec['image'].shape[1:],
@@ -325,18 +365,27 @@ class EvalIterator:
                   'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
 
 
+  def _next(self, batches):
+    try:
+      return next(batches, None)
+    except tf.errors.InvalidArgumentError:
+      if self._undecodable is None:
+        raise
+      bad = self._undecodable()
+      raise InputError(f'cannot decode {bad[0] if bad else "an eval image"}'
+                       f'{f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""}: replace or '
+                       'remove it; eval counts every file.') from None
+
+
 def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                   process_index: int | None = None,
                   process_count: int | None = None) -> EvalIterator:
   """Every example of `config.data.eval_split` exactly once per pass, over all processes."""
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.eval_batch_size, mesh, count, 'eval_batch_size')
-  b = datasets.ensure_prepared(config)
-  total = datasets.check_split(b, config.data.eval_split, 'data.eval_split')
-  source = tfds_source(b, process_split(config.data.eval_split, index, count),
-                       cache=config.data.cache)
+  source, total = split_source(config, config.data.eval_split, 'data.eval_split', index, count)
   # even_splits gives the first (total % count) processes one extra example.
   num_batches = math.ceil(math.ceil(total / count) / local_batch)
   ds = eval_dataset(source, config, local_batch=local_batch)
   return EvalIterator(ds, sharding.batch_sharding(mesh), local_batch=local_batch,
-                      num_batches=num_batches, num_examples=total)
+                      num_batches=num_batches, num_examples=total, undecodable=source.undecodable)

@@ -27,7 +27,7 @@ import numpy as np
 
 from hvt_jax import defaults
 from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
-from hvt_jax.data import datasets, input_pipeline
+from hvt_jax.data import datasets, folders, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
@@ -128,7 +128,10 @@ def _start_from(state, init_from: str, shardings, image_size: int):
 
 def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT) -> dict:
   """What travels with the weights: the model, its eval transform and its class names."""
-  names = datasets.builder(config).info.features['label'].names
+  if config.data.name == folders.NAME:
+    names = list(folders.listing(config, config.data.train_split).class_names)
+  else:
+    names = datasets.builder(config).info.features['label'].names
   if config.data.name == 'imagenet2012':
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
   return {'model': model.config(), 'preprocess': defaults.eval_preprocess(config.aug),
