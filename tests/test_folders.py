@@ -85,6 +85,14 @@ def test_listing_classes_and_counts(tree):
   assert list(listing.labels) == sorted(listing.labels)
 
 
+def test_config_argument_folder_root(tree):
+  from test_configs import get_config
+  config = get_config('hvt_s', f'data=folder:{tree[0]}')
+  assert (config.data.name, config.data.data_dir, config.data.train_split,
+          config.data.eval_split, config.model.num_classes) == ('folder', str(tree[0]), 'train',
+                                                                'val', 3)
+
+
 def test_one_epoch_has_every_decodable_image_once_with_its_label(tree, mesh):
   root, train, _ = tree
   config = make_config(root)
