@@ -98,6 +98,9 @@ DATASETS = {
     'imagenet2012': dict(num_classes=1000, eval_split='validation'),
     'cifar100': dict(num_classes=100, eval_split='test'),
     'hvt_digits': dict(num_classes=10, eval_split='test'),
+    # ImageNet's other test sets, for eval_only with ImageNet weights.
+    'imagenet_v2': dict(num_classes=1000, eval_split='test'),
+    'imagenet2012_real': dict(num_classes=1000, eval_split='validation'),
 }
 
 

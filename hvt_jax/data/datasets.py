@@ -22,6 +22,15 @@ from hvt_jax.errors import UserError
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
+# ImageNet's ReaL test set has no `label`: its original one, and a list of corrected ones (an
+# image counts as right if the prediction is any of them; images without one are left out).
+REAL_LABELS = 'real_label'
+
+
+def label_key(b: tfds.core.DatasetBuilder) -> str:
+  return 'original_label' if REAL_LABELS in b.info.features else 'label'
+
+
 class DataError(UserError):
   """A dataset that is missing, unknown or unusable; the message says what to do."""
 
@@ -55,7 +64,7 @@ def builder(config: ml_collections.ConfigDict,
     raise DataError(f'unknown dataset {name!r}: set {setting} to a TFDS image '
                     'classification dataset, e.g. imagenet2012, cifar100 or hvt_digits.') from None
   features = b.info.features
-  if 'image' not in features or 'label' not in features:
+  if 'image' not in features or label_key(b) not in features:
     raise DataError(f'dataset {name!r} has features {sorted(features)}, not image and label: '
                     f'set {setting} to an image classification dataset.')
   return b
@@ -128,9 +137,10 @@ def dataset_info(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   if config.data.name == folders.NAME:
     return folders.dataset_info(config)
   b = ensure_prepared(config)
-  num_train = check_split(b, config.data.train_split, 'data.train_split')
+  # Evaluating alone needs no train split (ImageNet-v2 and ReaL have none).
+  num_train = 0 if config.eval_only else check_split(b, config.data.train_split, 'data.train_split')
   num_eval = check_split(b, config.data.eval_split, 'data.eval_split')
-  num_classes = b.info.features['label'].num_classes
+  num_classes = b.info.features[label_key(b)].num_classes
   if num_classes != config.model.num_classes:
     raise DataError(f'{b.name} has {num_classes} classes but the model has '
                     f'{config.model.num_classes}: set --config.model.num_classes={num_classes}.')

@@ -78,10 +78,16 @@ def tfds_source(b: tfds.core.DatasetBuilder, split, *, cache: bool = False) -> S
   skips = tf.constant([fi.skip for fi in instructions], tf.int64)
   takes = tf.constant([fi.take for fi in instructions], tf.int64)
   decoders = {'image': tfds.decode.SkipDecoding()}
+  label = datasets.label_key(b)
 
   def parse(serialized):
     example = b.info.features.deserialize_example(serialized, decoders=decoders)
-    return {'image': example['image'], 'label': example['label']}
+    record = {'image': example['image'], 'label': example[label]}
+    if datasets.REAL_LABELS in example:  # as a multi-hot row, so batches keep one shape
+      classes = b.info.features[label].num_classes
+      record['real'] = tf.reduce_max(tf.one_hot(example[datasets.REAL_LABELS], classes,
+                                                dtype=tf.uint8), axis=0)
+    return record
 
   def read_files(order_key):
     order = tf.range(len(instructions))
@@ -219,7 +225,8 @@ def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
     image = preprocess.eval_image(
         record['image'], size=config.model.image_size, crop_pct=aug.eval_crop_pct,
         interpolation=aug.interpolation, mean=tuple(aug.mean), std=tuple(aug.std))
-    return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    out = {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    return {**out, 'real': record['real']} if 'real' in record else out
 
   ds = source.read(None)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -357,12 +364,11 @@ class EvalIterator:
       batch = self._next(batches)
       have = 0 if batch is None else len(batch['label'])
       if batch is None:
-        batch = {'image': np.zeros((0,) + self._dataset.element_spec['image'].shape[1:],
-                                   np.float32), 'label': np.zeros((0,), np.int32)}
+        batch = {k: np.zeros((0,) + spec.shape[1:], spec.dtype.as_numpy_dtype)
+                 for k, spec in self._dataset.element_spec.items()}
       pad = rows - have
-      yield _put({'image': np.pad(batch['image'], [(0, pad)] + [(0, 0)] * 3),
-                  'label': np.pad(batch['label'], (0, pad)),
-                  'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
+      padded = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+      yield _put({**padded, 'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
 
 
   def _next(self, batches):

@@ -92,6 +92,9 @@ def evaluate(eval_step, state: train_step.TrainState, eval_batches) -> dict[str,
                     f'{prefix}/top5': 100 * float(s['top5']) / count,
                     f'{prefix}/loss': float(s['loss']) / count,
                     f'{prefix}/examples': count})
+    if 'real_count' in s:
+      results.update({f'{prefix}/real_top1': 100 * float(s['real_top1']) / float(s['real_count']),
+                      f'{prefix}/real_examples': float(s['real_count'])})
   return results
 
 
@@ -131,7 +134,8 @@ def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT) -> dict:
   if config.data.name == folders.NAME:
     names = list(folders.listing(config, config.data.train_split).class_names)
   else:
-    names = datasets.builder(config).info.features['label'].names
+    b = datasets.builder(config)
+    names = b.info.features[datasets.label_key(b)].names
   if config.data.name == 'imagenet2012':
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
   return {'model': model.config(), 'preprocess': defaults.eval_preprocess(config.aug),
@@ -166,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mesh = sharding.make_mesh(config.mesh)
   num_train, _, _ = datasets.dataset_info(config)
   steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch < 1:
+  if steps_per_epoch < 1 and not config.eval_only:
     raise TrainError(f'batch_size {config.batch_size} exceeds the {num_train} training examples; '
                      'lower --config.batch_size.')
   total_steps = config.num_epochs * steps_per_epoch

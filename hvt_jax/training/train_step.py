@@ -145,12 +145,18 @@ def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
   k = min(5, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-  return {
+  sums = {
       'top1': jnp.sum((top[:, 0] == labels) * mask),
       'top5': jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
       'loss': jnp.sum(nll * mask),
       'count': jnp.sum(mask),
   }
+  if 'real' in batch:  # ReaL: right if the top class is any of the image's ReaL labels
+    real = batch['real'].astype(jnp.float32)
+    labelled = jnp.max(real, axis=-1) * mask
+    sums['real_top1'] = jnp.sum(jnp.take_along_axis(real, top[:, :1], axis=-1)[:, 0] * labelled)
+    sums['real_count'] = jnp.sum(labelled)
+  return sums
 
 
 def jit_steps(model, tx, schedule, config, shardings, mesh):
