@@ -25,7 +25,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.model = model_lib.variant('hvt-s-1', drop_path=0.1)
 
   c.data = dict(
-      name='imagenet2012',  # a TFDS image-classification dataset, or 'hvt_digits' (offline demo)
+      name='imagenet2012',  # a TFDS image-classification dataset, 'hvt_digits' (offline demo),
+      # or 'folder' (ROOT/<split>/<class>/<image>, ROOT in data_dir; data/folders.py)
       # TFDS data_dir, or an image folder's root; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
       # Both are str placeholders: a plain None could not be set from the command line.
       data_dir=ml_collections.config_dict.placeholder(str),

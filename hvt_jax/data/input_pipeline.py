@@ -370,7 +370,6 @@ class EvalIterator:
       padded = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
       yield _put({**padded, 'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
 
-
   def _next(self, batches):
     try:
       return next(batches, None)

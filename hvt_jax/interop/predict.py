@@ -7,6 +7,7 @@ the eval transform saved with the model (for ImageNet: resize 256, center crop
 224, bicubic). A 1000-class model names ImageNet classes; other models use the
 class names saved at training time. A file that cannot be read gets one error
 line and the others are still classified; the exit status is 1 if any failed.
+`--image_size=S` runs the model at S, its position embeddings resampled.
 """
 from __future__ import annotations
 

@@ -106,10 +106,10 @@ def _stop_on_sigterm() -> threading.Event:
   return stop
 
 
-def _start_from(state, init_from: str, shardings, image_size: int):
+def _start_from(state, init_from: str, shardings, image_size: int | None = None):
   """Weights of a model dir or workdir as the starting point (fine-tuning): position
-  embeddings are resampled to `image_size`; a head of another class count is left freshly
-  initialized; any other mismatch is an error."""
+  embeddings are resampled to `image_size` (None: as saved); a head of another class count is
+  left freshly initialized; any other mismatch is an error."""
   # Loaded replicated: a resampled embedding's layout follows its new shape, set at the end.
   whole = jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, jax.P()), shardings.params)
   _, params = checkpoint.load(init_from, sharding=whole, image_size=image_size)
@@ -136,7 +136,7 @@ def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT) -> dict:
   else:
     b = datasets.builder(config)
     names = b.info.features[datasets.label_key(b)].names
-  if config.data.name == 'imagenet2012':
+  if config.data.name in ('imagenet2012', 'imagenet_v2', 'imagenet2012_real'):
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
   return {'model': model.config(), 'preprocess': defaults.eval_preprocess(config.aug),
           'class_names': names, 'dataset': config.data.name}
