@@ -4,7 +4,9 @@
 
 Arguments (comma separated, e.g. `configs/hvt_s.py:stages=2,data=cifar100`):
   stages   0..4: HVT-S-<stages> (0 = DeiT-S without class token, no pooling). Default 1.
-  data     imagenet2012 | cifar100 | hvt_digits. Default imagenet2012.
+  data     imagenet2012 | cifar100 | hvt_digits | folder:ROOT (ROOT/train/<class>/*,
+           ROOT/val/<class>/*); for eval_only also imagenet_v2 | imagenet2012_real.
+           Default imagenet2012.
   recipe   paper: 300 epochs, DeiT augmentation, mixup/cutmix, EMA (the published runs);
            plain: the same schedule without RandAugment, erasing, mixup/cutmix and repeats.
   epochs   override the 300 epochs.

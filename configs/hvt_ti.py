@@ -4,7 +4,9 @@
 
 Arguments (comma separated, e.g. `configs/hvt_ti.py:data=cifar100,epochs=100`):
   model    hvt-ti-1 (default) | deit-ti (class token, no pooling: the DeiT baseline).
-  data     imagenet2012 | cifar100 | hvt_digits. Default imagenet2012.
+  data     imagenet2012 | cifar100 | hvt_digits | folder:ROOT (ROOT/train/<class>/*,
+           ROOT/val/<class>/*); for eval_only also imagenet_v2 | imagenet2012_real.
+           Default imagenet2012.
   recipe   paper | plain (see configs/hvt_s.py).
   epochs   override the 300 epochs.
 

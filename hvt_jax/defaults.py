@@ -22,6 +22,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from hvt_jax import model as model_lib
+from hvt_jax.data import folders
 from hvt_jax.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,10 +46,12 @@ def train_config() -> ml_collections.ConfigDict:
   c.model = model_lib.variant('hvt-s-1', drop_path=0.1)
 
   c.data = dict(
-      name='imagenet2012',  # a TFDS image-classification dataset, or 'hvt_digits' (offline demo)
+      name='imagenet2012',  # a TFDS image-classification dataset, 'hvt_digits' (offline demo),
+      # or 'folder' (ROOT/<split>/<class>/<image>, ROOT in data_dir; data/folders.py).
       # Typed placeholders, None by default, so that --config.data.data_dir=DIR can set them (a
-      # plain None cannot be overridden). data_dir: TFDS's, None: $TFDS_DATA_DIR or
-      # ~/tensorflow_datasets; manual_dir: the ImageNet tars, None: <data_dir>/downloads/manual.
+      # plain None cannot be overridden). data_dir: TFDS's, or an image folder's root; None:
+      # $TFDS_DATA_DIR or ~/tensorflow_datasets. manual_dir: the ImageNet tars; None:
+      # <data_dir>/downloads/manual.
       data_dir=config_dict.placeholder(str),
       manual_dir=config_dict.placeholder(str),
       train_split='train',
@@ -79,6 +82,7 @@ def train_config() -> ml_collections.ConfigDict:
   c.eval = dict(IMAGENET_EVAL)
 
   c.batch_size = 1024  # global, over all processes
+  c.accum_steps = 1  # k > 1: each step sums the gradients of k micro-batches of batch_size / k
   c.eval_batch_size = 1024
   c.num_epochs = 300
   c.max_steps = -1  # >0: stop after this many steps (schedules still follow num_epochs)
@@ -138,12 +142,17 @@ DATASETS = {
     'imagenet2012': dict(num_classes=1000, eval_split='validation'),
     'cifar100': dict(num_classes=100, eval_split='test'),
     'hvt_digits': dict(num_classes=10, eval_split='test'),
+    # ImageNet's other test sets, for eval_only with ImageNet weights.
+    'imagenet_v2': dict(num_classes=1000, eval_split='test'),
+    'imagenet2012_real': dict(num_classes=1000, eval_split='validation'),
 }
 
 
 def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name.startswith('folder:'):  # an image folder: ROOT/train/<class>/*, ROOT/val/<class>/*
+    return folders.use(config, name.partition(':')[2])
   if name not in DATASETS:
-    raise UserError(f'data={name!r}: choose one of {", ".join(DATASETS)} (or set '
+    raise UserError(f'data={name!r}: choose one of {", ".join(DATASETS)}, folder:ROOT (or set '
                     '--config.data.name, data.eval_split and model.num_classes for another).')
   config.data.name = name
   config.data.eval_split = DATASETS[name]['eval_split']

@@ -2,12 +2,15 @@ import importlib.util
 import json
 
 from absl import flags
+import jax
 from ml_collections import config_flags
+import numpy as np
 import pytest
 
 from hvt_jax import cli, defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.training import checkpoint
 from tests.helpers import REPO
 
 
@@ -162,3 +165,25 @@ def test_a_workdir_of_the_old_layout_still_resumes(tmp_path):
   config.mix.label_smoothing = 0.2
   with pytest.raises(loop.TrainError, match='different mix;'):
     loop.check_or_write_config(str(tmp_path), config)
+@pytest.fixture
+def model_dir(tmp_path):
+  model = model_lib.create('hvt-ti-1')
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_lib.abstract_params(model))
+  return checkpoint.save_model(str(tmp_path / 'ti'), model, params)
+
+
+def test_finetune_is_deits_384_recipe_from_saved_weights(model_dir):
+  config = get_config('finetune', f'init_from={model_dir},data=cifar100')
+  assert set(config.keys()) == set(defaults.train_config().keys())
+  assert config.init_from == model_dir and config.model.image_size == 384
+  assert config.model.pool_every == 12 and config.model.num_heads == 3  # the saved architecture
+  assert config.model.num_classes == 100
+  assert (config.optim.lr, config.optim.min_lr, config.optim.weight_decay) == (5e-6, 5e-6, 1e-8)
+  assert (config.batch_size, config.optim.lr_base_batch, config.num_epochs) == (512, 512, 30)
+  with pytest.raises(UserError, match='needs init_from=DIR'):
+    get_config('finetune')
+  with pytest.raises(UserError, match='/nonexistent/m: no such model dir or workdir'):
+    get_config('finetune', 'init_from=/nonexistent/m')
+  with pytest.raises(UserError, match='image size 380 is not divisible by patch size 16'):
+    model_lib.HVT(**get_config('finetune', f'init_from={model_dir},size=380').model
+                  ).tokens_per_block()

@@ -17,9 +17,19 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from hvt_jax.data import digits  # noqa: F401  (defining the builder registers `hvt_digits`)
+from hvt_jax.data import folders
 from hvt_jax.errors import UserError
 
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
+# ImageNet's ReaL test set has no `label`: its original one, and a list of corrected ones (an
+# image counts as right if the prediction is any of them; images without one are left out).
+REAL_LABELS = 'real_label'
+
+
+def label_key(b: tfds.core.DatasetBuilder) -> str:
+  return 'original_label' if REAL_LABELS in b.info.features else 'label'
 
 
 class DataError(UserError):
@@ -55,7 +65,7 @@ def builder(name: str, data_dir: str | None = None,
     raise DataError(f'unknown dataset {name!r}: set {setting} to a TFDS image '
                     'classification dataset, e.g. imagenet2012, cifar100 or hvt_digits.') from None
   features = b.info.features
-  if 'image' not in features or 'label' not in features:
+  if 'image' not in features or label_key(b) not in features:
     raise DataError(f'dataset {name!r} has features {sorted(features)}, not image and label: '
                     f'set {setting} to an image classification dataset.')
   return b
@@ -128,18 +138,22 @@ def check_split(b: tfds.core.DatasetBuilder, split: str, key: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A run's dataset, opened once (`open_dataset`) and shared by the input and the model files."""
-  builder: tfds.core.DatasetBuilder  # prepared
-  num_train: int  # examples in config.data.train_split
+  builder: tfds.core.DatasetBuilder | None  # prepared; None for an image folder (data/folders.py)
+  num_train: int  # examples in config.data.train_split (0 for an eval-only run)
   num_eval: int  # examples in config.data.eval_split
   class_names: tuple[str, ...]  # in label order
 
 
 def open_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """The config's dataset, prepared if needed, with its splits and class count checked."""
+  if config.data.name == folders.NAME:
+    num_train, num_eval, names = folders.dataset_info(config)
+    return Dataset(None, num_train, num_eval, names)
   b = ensure_prepared(config)
-  num_train = check_split(b, config.data.train_split, 'data.train_split')
+  # Evaluating alone needs no train split (ImageNet-v2 and ReaL have none).
+  num_train = 0 if config.eval_only else check_split(b, config.data.train_split, 'data.train_split')
   num_eval = check_split(b, config.data.eval_split, 'data.eval_split')
-  label = b.info.features['label']
+  label = b.info.features[label_key(b)]
   if label.num_classes != config.model.num_classes:
     raise DataError(f'{b.name} has {label.num_classes} classes but the model has '
                     f'{config.model.num_classes}: set '

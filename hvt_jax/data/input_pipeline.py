@@ -26,7 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, preprocess
+from hvt_jax.data import datasets, folders, preprocess
 from hvt_jax.training import sharding
 from hvt_jax.errors import UserError
 
@@ -54,6 +54,10 @@ class Source:
   """
   num_examples: int
   read: Callable[[tf.Tensor | None], tf.data.Dataset]
+  # Image folders: training leaves out files it cannot decode (TensorFlow logs each one);
+  # eval names them with `undecodable()`, which decodes every file of the share.
+  skip_undecodable: bool = False
+  undecodable: Callable[[], list[str]] | None = None
 
 
 def process_split(split: str, process_index: int, process_count: int):
@@ -74,10 +78,16 @@ def tfds_source(b: tfds.core.DatasetBuilder, split, *, cache: bool = False) -> S
   skips = tf.constant([fi.skip for fi in instructions], tf.int64)
   takes = tf.constant([fi.take for fi in instructions], tf.int64)
   decoders = {'image': tfds.decode.SkipDecoding()}
+  label = datasets.label_key(b)
 
   def parse(serialized):
     example = b.info.features.deserialize_example(serialized, decoders=decoders)
-    return {'image': example['image'], 'label': example['label']}
+    record = {'image': example['image'], 'label': example[label]}
+    if datasets.REAL_LABELS in example:  # as a multi-hot row, so batches keep one shape
+      classes = b.info.features[label].num_classes
+      record['real'] = tf.reduce_max(tf.one_hot(example[datasets.REAL_LABELS], classes,
+                                                dtype=tf.uint8), axis=0)
+    return record
 
   def read_files(order_key):
     order = tf.range(len(instructions))
@@ -104,6 +114,39 @@ def memory_source(images: np.ndarray, labels: np.ndarray) -> Source:
   ds = tf.data.Dataset.from_tensor_slices(
       {'image': tf.constant(images, tf.string), 'label': tf.constant(labels, tf.int64)})
   return Source(len(labels), lambda order_key: ds)
+
+
+def folder_source(listing: folders.Listing, process_index: int, process_count: int) -> Source:
+  """Every `process_count`-th file of a listed image folder, from `process_index` on.
+
+  Strided, so every process gets every class. With an `order_key` the whole share is
+  permuted; files are read inside tf.data.
+  """
+  paths = listing.paths[process_index::process_count].astype(str)
+  labels = listing.labels[process_index::process_count]
+  if not len(paths):
+    return memory_source(np.array([], dtype=object), np.array([], np.int64))
+  paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+
+  def read(order_key):
+    order = tf.range(len(paths), dtype=tf.int64)
+    if order_key is not None:
+      order = tf.random.experimental.stateless_shuffle(order, seed=order_key, alg='philox')
+    return tf.data.Dataset.from_tensor_slices(order).map(
+        lambda i: {'image': tf.io.read_file(paths_t[i]), 'label': labels_t[i]},
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return Source(len(paths), read, skip_undecodable=True,
+                undecodable=lambda: folders.undecodable(paths))
+
+
+def split_source(config: ml_collections.ConfigDict, dataset: datasets.Dataset, split: str,
+                 process_index: int, process_count: int) -> Source:
+  """This process's share of `split` of the run's dataset (TFDS or an image folder)."""
+  if dataset.builder is None:
+    return folder_source(folders.listing(config, split), process_index, process_count)
+  return tfds_source(dataset.builder, process_split(split, process_index, process_count),
+                     cache=config.data.cache)
 
 
 def _key(*parts) -> tf.Tensor:
@@ -165,6 +208,8 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if source.skip_undecodable:
+    ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
 
@@ -176,7 +221,8 @@ def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
 
   def prepare(record):
     image = preprocess.eval_image(record['image'], size=config.model.image_size, **transform)
-    return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    out = {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    return {**out, 'real': record['real']} if 'real' in record else out
 
   ds = source.read(None)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -255,8 +301,7 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, s
   index, count = _processes(process_index, process_count)
   local_batch = local_batch_size(config.batch_size, mesh, count)
   dataset = dataset or datasets.open_dataset(config)
-  source = tfds_source(dataset.builder, process_split(config.data.train_split, index, count),
-                       cache=config.data.cache)
+  source = split_source(config, dataset, config.data.train_split, index, count)
   # The one source of the input position: step * batch_size examples used, an equal part of
   # them from each process's stream. So the same process count resumes with exactly the
   # original batches, and another count at the same epoch and fraction of it (new batches).
@@ -274,8 +319,9 @@ class EvalIterator:
   """
 
   def __init__(self, dataset: tf.data.Dataset, sharding_: jax.sharding.Sharding, *,
-               local_batch: int, num_batches: int, num_examples: int):
+               local_batch: int, num_batches: int, num_examples: int, undecodable=None):
     self._dataset = dataset
+    self._undecodable = undecodable
     self._sharding = sharding_
     self._local_batch = local_batch
     self._num_batches = num_batches
@@ -288,15 +334,25 @@ class EvalIterator:
     rows = self._local_batch
     batches = self._dataset.as_numpy_iterator()
     for _ in range(self._num_batches):
-      batch = next(batches, None)
+      batch = self._next(batches)
       have = 0 if batch is None else len(batch['label'])
       if batch is None:
-        batch = {'image': np.zeros((0,) + self._dataset.element_spec['image'].shape[1:],
-                                   np.float32), 'label': np.zeros((0,), np.int32)}
+        batch = {k: np.zeros((0,) + spec.shape[1:], spec.dtype.as_numpy_dtype)
+                 for k, spec in self._dataset.element_spec.items()}
       pad = rows - have
-      yield _put({'image': np.pad(batch['image'], [(0, pad)] + [(0, 0)] * 3),
-                  'label': np.pad(batch['label'], (0, pad)),
-                  'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
+      padded = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+      yield _put({**padded, 'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
+
+  def _next(self, batches):
+    try:
+      return next(batches, None)
+    except tf.errors.InvalidArgumentError:
+      if self._undecodable is None:
+        raise
+      bad = self._undecodable()
+      raise InputError(f'cannot decode {bad[0] if bad else "an eval image"}'
+                       f'{f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""}: replace or '
+                       'remove it; eval counts every file.') from None
 
 
 def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
@@ -310,10 +366,9 @@ def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   local_batch = local_batch_size(config.eval_batch_size, mesh, count, 'eval_batch_size')
   dataset = dataset or datasets.open_dataset(config)
   total = dataset.num_eval
-  source = tfds_source(dataset.builder, process_split(config.data.eval_split, index, count),
-                       cache=config.data.cache)
+  source = split_source(config, dataset, config.data.eval_split, index, count)
   # even_splits gives the first (total % count) processes one extra example.
   num_batches = math.ceil(math.ceil(total / count) / local_batch)
   ds = eval_dataset(source, config, local_batch=local_batch)
   return EvalIterator(ds, sharding.batch_sharding(mesh), local_batch=local_batch,
-                      num_batches=num_batches, num_examples=total)
+                      num_batches=num_batches, num_examples=total, undecodable=source.undecodable)

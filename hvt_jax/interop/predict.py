@@ -9,6 +9,7 @@ the eval transform saved with the model (for ImageNet: resize 256, center crop
 224, bicubic). A 1000-class model names ImageNet classes; other models use the
 class names saved at training time. A file that cannot be read gets one error
 line and the others are still classified; the exit status is 1 if any failed.
+`--image_size=S` runs the model at S, its position embeddings resampled.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('ema', False, 'for a workdir: use the EMA weights')
   flags.DEFINE_integer('top', 5, 'how many classes to print per image')
   flags.DEFINE_integer('batch', 32, 'images per forward pass')
+  flags.DEFINE_integer('image_size', None, 'run the model at this size, its position '
+                       'embeddings resampled from the saved ones (default: its own size)')
   flags.mark_flags_as_required(['model'])
 
 
@@ -62,10 +65,11 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
     raise ImageError(f'{path}: {reason} ({e.message.splitlines()[0][:120]})') from None
 
 
-def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32):
+def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32,
+            image_size: int | None = None):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
   saved = checkpoint.resolve(model_path, ema=ema)
-  model, params = checkpoint.restore(saved)
+  model, params = checkpoint.restore(saved, image_size=image_size)
   meta = saved.meta
   settings = meta.get('preprocess') or defaults.eval_transform()
   names = class_names(meta, model.num_classes)
@@ -95,7 +99,8 @@ def main(argv):
   if not paths:
     raise UserError('give one or more image files after the flags.')
   failed = 0
-  for path, result in predict(FLAGS.model, paths, ema=FLAGS.ema, top=FLAGS.top, batch=FLAGS.batch):
+  for path, result in predict(FLAGS.model, paths, ema=FLAGS.ema, top=FLAGS.top, batch=FLAGS.batch,
+                              image_size=FLAGS.image_size):
     if isinstance(result, str):
       failed += 1
       print(f'predict: error: {result}', file=sys.stderr)

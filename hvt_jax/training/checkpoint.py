@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax.interop import weights
+from hvt_jax.model import resample
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
@@ -264,19 +265,19 @@ def resolve(path: str, *, step: int | None = None, best: bool = False,
   return Saved(os.path.join(step_dir, item), meta, step)
 
 
-def restore(saved: Saved, sharding=None):
-  """`(model, params)` of what `resolve` found; `sharding` as for `load`."""
+def restore(saved: Saved, sharding=None, image_size: int | None = None):
+  """`(model, params)` of what `resolve` found; `sharding` and `image_size` as for `load`."""
   model = saved.model
   params = restore_tree(saved.params_dir, sharding)
   if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(
       lambda a: a.shape, model_lib.abstract_params(model)):
     raise CheckpointError(f'{os.path.dirname(saved.params_dir)}: the saved weights do not match '
                           'the saved model config; the checkpoint is corrupt.')
-  return model, params
+  return resample.at_size(model, params, image_size)
 
 
 def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = False,
-         sharding=None):
+         sharding=None, image_size: int | None = None):
   """`(model, params)` for `model.apply({'params': params}, images)`, from any saved form.
 
   `path` is a model dir (converted or exported), a training workdir, or its
@@ -286,5 +287,7 @@ def load(path: str, *, step: int | None = None, best: bool = False, ema: bool = 
   default device, 'cpu' for host memory, a Sharding for every array, or a tree
   of Shardings matching the parameters; the device count that saved them does
   not matter. A published name (`'hvt-s-1'`) gives the release's weights, downloaded once.
+  `image_size` returns the model at another size, its position embeddings resampled
+  (`model/resample.py`).
   """
-  return restore(resolve(path, step=step, best=best, ema=ema), sharding)
+  return restore(resolve(path, step=step, best=best, ema=ema), sharding, image_size)

@@ -26,7 +26,7 @@ import numpy as np
 
 from hvt_jax import defaults
 from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
-from hvt_jax.data import datasets, input_pipeline
+from hvt_jax.data import datasets, folders, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
@@ -79,6 +79,9 @@ def evaluate(eval_step, state: train_step.TrainState, eval_batches) -> dict[str,
                     f'{prefix}/top5': 100 * float(s['top5']) / count,
                     f'{prefix}/loss': float(s['loss']) / count,
                     f'{prefix}/examples': count})
+    if 'real_count' in s:
+      results.update({f'{prefix}/real_top1': 100 * float(s['real_top1']) / float(s['real_count']),
+                      f'{prefix}/real_examples': float(s['real_count'])})
   return results
 
 
@@ -90,10 +93,13 @@ def _stop_on_sigterm() -> threading.Event:
   return stop
 
 
-def _start_from(state, init_from: str, shardings):
-  """Weights of a model dir or workdir as the starting point (fine-tuning): a head of
-  another class count is left freshly initialized; any other mismatch is an error."""
-  _, params = checkpoint.load(init_from, sharding=shardings.params)
+def _start_from(state, init_from: str, shardings, image_size: int | None = None):
+  """Weights of a model dir or workdir as the starting point (fine-tuning): position
+  embeddings are resampled to `image_size` (None: as saved); a head of another class count is
+  left freshly initialized; any other mismatch is an error."""
+  # Loaded replicated: a resampled embedding's layout follows its new shape, set at the end.
+  whole = jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, jax.P()), shardings.params)
+  _, params = checkpoint.load(init_from, sharding=whole, image_size=image_size)
   new = dict(state.params)
   for name, value in params.items():
     target = new.get(name)
@@ -105,6 +111,7 @@ def _start_from(state, init_from: str, shardings):
       raise TrainError(f'init_from {init_from}: {name} does not fit this model '
                        f'({shapes[0]} vs {shapes[1]}); use weights of the same architecture.')
     new[name] = value
+  new = jax.device_put(new, shardings.params)
   ema = new if state.ema_params is not None else None
   return state.replace(params=new, ema_params=ema)
 
@@ -113,7 +120,7 @@ def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT,
                dataset: datasets.Dataset) -> dict:
   """What travels with the weights: the model, its eval transform and its class names."""
   names = list(dataset.class_names)
-  if config.data.name == 'imagenet2012':
+  if config.data.name in ('imagenet2012', 'imagenet_v2', 'imagenet2012_real'):
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
   return {'model': model.config(), 'preprocess': defaults.eval_transform(config.eval),
           'class_names': names, 'dataset': config.data.name}
@@ -147,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   mesh = sharding.make_mesh(config.mesh)
   dataset = datasets.open_dataset(config)
   steps_per_epoch = dataset.num_train // config.batch_size
-  if steps_per_epoch < 1:
+  if steps_per_epoch < 1 and not config.eval_only:
     raise TrainError(f'batch_size {config.batch_size} exceeds the {dataset.num_train} training '
                      'examples; lower --config.batch_size.')
   total_steps = config.num_epochs * steps_per_epoch
@@ -174,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       state = _resume(mngr, latest, state, shardings)
       logging.info('Resumed %s from step %d.', workdir, latest)
     elif config.init_from:
-      state = _start_from(state, config.init_from, shardings)
+      state = _start_from(state, config.init_from, shardings, config.model.image_size)
     if config.eval_only:
       if latest is None and not config.init_from:
         raise TrainError(f'eval_only: {workdir} has no checkpoint; pass '

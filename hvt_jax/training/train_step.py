@@ -18,6 +18,11 @@ import optax
 from hvt_jax.data import mixup
 from hvt_jax.training import sharding
 from hvt_jax import model as model_lib
+from hvt_jax.errors import UserError
+
+
+class AccumError(UserError):
+  pass
 
 
 @flax.struct.dataclass
@@ -51,16 +56,68 @@ def create_state(model, tx, rng, *, ema: bool, mesh) -> tuple[TrainState, Any]:
   return jax.jit(make, out_shardings=shardings)(rng), shardings
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, config) -> tuple:
+def check_accum(batch_size: int, accum_steps: int, num_devices: int) -> int:
+  """The micro-batch size; every micro-batch must split evenly over the devices."""
+  if accum_steps < 1 or batch_size % accum_steps:
+    raise AccumError(f'accum_steps={accum_steps} does not divide batch_size={batch_size}; '
+                     'choose a divisor of the batch size.')
+  micro = batch_size // accum_steps
+  if micro % num_devices:
+    raise AccumError(f'batch_size={batch_size} / accum_steps={accum_steps} gives micro-batches '
+                     f'of {micro}, which {num_devices} devices cannot split evenly: make '
+                     f'batch_size a multiple of {accum_steps * num_devices}.')
+  return micro
+
+
+def micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """(B, ...) -> (k, B / k, ...); micro-batch j holds examples j, j + k, j + 2k, ...
+
+  Strided rather than contiguous: each device's contiguous share of the global batch
+  then feeds every micro-batch equally, so splitting moves no examples between devices.
+  """
+  return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, config,
+               micro_sharding=None) -> tuple:
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mix_key, dropout_key = jax.random.split(step_key)
-  images, targets = mixup.mix_from_config(mix_key, batch, config)
 
-  def loss_fn(params):
-    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), logits
+  def grads_of(params, images, labels, mix_key, dropout_key):
+    images, targets = mixup.mix_from_config(mix_key, {'image': images, 'label': labels}, config)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(params):
+      logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})
+      return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+
+  # Gradient accumulation by hand rather than optax.MultiSteps: MultiSteps counts every
+  # micro-batch as a step of the inner optimizer's schedule and would need k calls per update;
+  # here one call is one update, so the lr schedule, EMA, step count and checkpoints stay per
+  # optimizer step and `batch_size` stays the batch of one update.
+  k = int(config.accum_steps)
+  if k == 1:
+    grads, loss, hits = grads_of(state.params, batch['image'], batch['label'], mix_key,
+                                 dropout_key)
+  else:
+    micro = [micro_batches(batch[name], k) for name in ('image', 'label')]
+    if micro_sharding is not None:
+      micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+    def accumulate(total, xs):
+      # Each micro-batch draws its own mixup/cutmix and dropout.
+      i, images, labels = xs
+      out = grads_of(state.params, images, labels, jax.random.fold_in(mix_key, i),
+                     jax.random.fold_in(dropout_key, i))
+      return jax.tree.map(jnp.add, total, out), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+             jnp.zeros((), jnp.int32))
+    (grads, loss, hits), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), *micro))
+    grads, loss = jax.tree.map(lambda g: g / k, grads), loss / k
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
@@ -72,7 +129,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
       'grad_norm': optax.global_norm(grads),
       'lr': schedule(state.step),
       # Against the unmixed labels: with mixup on, a rough signal only.
-      'train_top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'train_top1': hits / batch['label'].shape[0],
   }
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   return new_state, metrics
@@ -85,20 +142,29 @@ def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
   k = min(5, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {
+  sums = {
       'top1': jnp.sum((top[:, 0] == labels) * mask),
       'top5': jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
       'loss': jnp.sum(nll * mask),
       'count': jnp.sum(mask),
   }
+  if 'real' in batch:  # ReaL: right if the top class is any of the image's ReaL labels
+    real = batch['real'].astype(jnp.float32)
+    labelled = jnp.max(real, axis=-1) * mask
+    sums['real_top1'] = jnp.sum(jnp.take_along_axis(real, top[:, :1], axis=-1)[:, 0] * labelled)
+    sums['real_count'] = jnp.sum(labelled)
+  return sums
 
 
 def jit_steps(model, tx, schedule, config, shardings, mesh):
   """The train step (state donated) and the eval step, compiled for this mesh."""
+  check_accum(config.batch_size, config.accum_steps, mesh.size)
   batch = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  micro = jax.sharding.NamedSharding(mesh, jax.P(None, *sharding.batch_spec(mesh)))
   train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        micro_sharding=micro),
       in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model),
                      in_shardings=(shardings.params, batch), out_shardings=replicated)
