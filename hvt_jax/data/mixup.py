@@ -11,9 +11,10 @@ The settings are Python numbers (fixed for a run), so `jax.jit` sees them as con
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
@@ -77,8 +78,12 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: in
 
 
 def mix_from_config(rng: jax.Array, batch: dict[str, jax.Array],
-                    config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-  """`mix` with the settings of `config.aug` and `config.model.num_classes`."""
+                    config: Any) -> tuple[jax.Array, jax.Array]:
+  """`mix` with the settings of `config.aug` and `config.model.num_classes`.
+
+  `config`: the training ConfigDict (typed Any so this module, like the train step, imports
+  without ml_collections, e.g. on a GPU box that only has jax and torch).
+  """
   aug = config.aug
   return mix(rng, batch['image'], batch['label'], num_classes=config.model.num_classes,
              mixup=float(aug.mixup), cutmix=float(aug.cutmix), mix_prob=float(aug.mix_prob),

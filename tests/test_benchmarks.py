@@ -1,0 +1,97 @@
+"""The speed benchmark's pieces: what a bare GPU box can import, and the PyTorch baseline's parity."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY
+from hvt_jax import model as model_lib
+from hvt_jax.interop import convert
+import torch_layout
+
+# What a GPU machine with only jax/flax/optax/orbax/torch lacks (benchmarks/gpu_check.sh).
+_ABSENT = ['tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu']
+_BLOCK = f'import sys; sys.modules.update(dict.fromkeys({_ABSENT!r}, None)); '
+
+
+def _run_blocked(code: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-c', _BLOCK + code], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_model_and_train_step_import_without_tensorflow_or_ml_collections():
+  mods = ['hvt_jax', 'hvt_jax.model', 'hvt_jax.training.train_step', 'hvt_jax.training.optim',
+          'hvt_jax.training.sharding', 'hvt_jax.data.mixup', 'hvt_jax.training.checkpoint']
+  code = ''.join(f'import {m}; ' for m in mods)
+  code += f'bad = sorted(m for m in {_ABSENT!r} if sys.modules.get(m) is not None); print(bad)'
+  out = _run_blocked(code)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'
+
+
+def test_blocking_really_blocks():
+  # The check above is only worth something if a blocked import fails.
+  out = _run_blocked('import ml_collections')
+  assert out.returncode != 0 and 'ml_collections' in out.stderr
+
+
+try:
+  import torch
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import torch_hvt
+except ImportError:
+  torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason='the PyTorch baseline needs torch (pip install -r '
+    'benchmarks/requirements.txt); CI does not install it')
+
+
+@needs_torch
+@pytest.mark.parametrize('fields', [
+    dict(TINY),
+    dict(TINY, pool_every=0, class_token=True, depth=2),
+], ids=['hvt', 'deit'])
+def test_torch_baseline_matches_jax_model_on_official_weights(fields):
+  model = model_lib.create('hvt-s-1', **fields)
+  counts = model.tokens_per_block()
+  pooling = [i for i in range(model.depth) if model_lib.pools_at(i, model.pool_every)]
+  sd = torch_layout.random_state_dict(
+      np.random.default_rng(0), width=model.num_heads * model.head_dim, depth=model.depth,
+      patch=model.patch_size, image=model.image_size, classes=model.num_classes,
+      pooling_blocks=pooling, pooled_tokens=[counts[i + 1] for i in pooling],
+      class_token=model.class_token)
+  images = np.random.default_rng(1).normal(size=(3, model.image_size, model.image_size, 3))
+  images = images.astype(np.float32)
+
+  net = torch_hvt.TorchHVT(**model.config()).eval()
+  net.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True)
+  with torch.no_grad():
+    got = net(torch.tensor(images.transpose(0, 3, 1, 2))).numpy()
+  params = convert.to_flax(sd, model.config())
+  want = np.asarray(model.apply({'params': params}, images))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  # And back: hvt_jax parameters give the official state dict.
+  back = torch_hvt.state_dict_from_flax(jax.tree.map(np.asarray, params))
+  assert sorted(back) == sorted(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+@needs_torch
+def test_torch_train_step_learns():
+  model = model_lib.create('hvt-s-1', **TINY)
+  net = torch_hvt.TorchHVT(**model.config())
+  step, predict = torch_hvt.make_train_step(net, lr=1e-3, weight_decay=0.05, ema_decay=0.9,
+                                            num_classes=model.num_classes, dtype=torch.float32)
+  images = torch.randn(4, 3, model.image_size, model.image_size)
+  labels = torch.tensor([0, 1, 2, 3])
+  first = float(step(images, labels))
+  for _ in range(5):
+    last = float(step(images, labels))
+  assert last < first
+  assert predict(images).shape == (4, model.num_classes)
