@@ -95,3 +95,36 @@ def test_torch_train_step_learns():
     last = float(step(images, labels))
   assert last < first
   assert predict(images).shape == (4, model.num_classes)
+
+
+# Makes the installed copies of these modules unimportable, as on a GPU box that lacks them; a copy
+# elsewhere (gpu_check.sh's unpacked ml_collections wheel) still imports.
+_SITECUSTOMIZE = f'''
+import importlib.machinery, sys
+class _Absent:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] not in {_ABSENT!r}:
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None and 'site-packages' in (spec.origin or ''):
+      raise ModuleNotFoundError(f'{{name}} is blocked (simulating a machine without it)')
+    return None
+sys.meta_path.insert(0, _Absent())
+'''
+
+
+@needs_torch
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collections(tmp_path):
+  (tmp_path / 'sitecustomize.py').write_text(_SITECUSTOMIZE)
+  env = dict(os.environ, HVT_SMOKE='1', PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu',
+             PYTHON=sys.executable)
+  out = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_check.sh')], env=env,
+                       capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'using benchmarks/wheels' in out.stdout
+  summary = out.stdout.split('=== gpu_check summary')[-1]
+  for model in ('hvt-s-1', 'hvt-s-0'):
+    rows = [line for line in summary.splitlines() if line.startswith(f'| {model} |')]
+    assert len(rows) == 2, summary  # batch 4 and the largest batch
+    assert all('n/a' not in row for row in rows), summary  # both sides measured
