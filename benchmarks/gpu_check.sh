@@ -14,7 +14,6 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
-END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-450}))
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -25,9 +24,11 @@ if ! "$PY" -c 'import ml_collections' 2>/dev/null; then
 fi
 
 if [[ -n "${HVT_SMOKE:-}" ]]; then
+  END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-1200}))  # a slow shared CPU compiles slowly
   COMMON=(--dtype=bfloat16 --steps=1 --repeats=1 --model_kw=depth=2,image_size=32,patch_size=16)
   BATCH=4; MAX=(--probe_batch=4 --memory_gb=0.1)
 else
+  END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-450}))
   COMMON=(--dtype=bfloat16 --steps=10 --repeats=3)
   BATCH=256; MAX=(--probe_batch=256)
 fi

@@ -101,15 +101,16 @@ def test_torch_train_step_learns():
 # elsewhere (gpu_check.sh's unpacked ml_collections wheel) still imports.
 _SITECUSTOMIZE = f'''
 import importlib.machinery, sys
-class _Absent:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] not in {_ABSENT!r}:
-      return None
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is not None and 'site-packages' in (spec.origin or ''):
-      raise ModuleNotFoundError(f'{{name}} is blocked (simulating a machine without it)')
-    return None
-sys.meta_path.insert(0, _Absent())
+class _PathFinderWithout(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    spec = super().find_spec(name, path, target)
+    if (spec is not None and name.split('.')[0] in {_ABSENT!r}
+        and 'site-packages' in (spec.origin or '')):
+      return None  # not found, as where it is not installed (importlib.util.find_spec too)
+    return spec
+sys.meta_path[:] = [_PathFinderWithout if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
 '''
 
 
