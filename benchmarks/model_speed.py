@@ -302,6 +302,10 @@ def measure(name: str, batch_arg: str, dtype: str, model_kw: dict) -> dict:
       except Exception as e:  # e.g. out of memory at the largest JAX batch: say so, go on
         print(f'  torch {"compiled" if compiled else "eager"} at batch {batch}: '
               f'{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""}')
+        gc.collect()
+        if jax.devices()[0].platform == 'gpu':
+          import torch
+          torch.cuda.empty_cache()
         continue
       if sequential:  # time it now and free the device for the next one
         t = _rounds([side], FLAGS.steps, FLAGS.repeats)[0]
