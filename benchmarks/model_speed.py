@@ -366,6 +366,8 @@ def print_tables(rows: list[dict], peak: float | None):
   for r in rows:
     per = lambda f: f and f / r['batch'] / 1e9
     mfu = r.get('mfu')
+    if mfu is None and peak and r['train_flops']:
+      mfu = r['train_flops'] * r['train_ips'] / r['batch'] / (peak * 1e12)
     print(f'{r["model"]:<10} {r["batch"]:>5} {r["compile_s"]:>9.1f} '
           f'{_fmt(per(r["train_flops"]), ".2f"):>15} {_fmt(per(r.get("forward_flops")), ".2f"):>13} '
           f'{_fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".2f"):>8} '
@@ -388,7 +390,8 @@ def main(argv):
     with open(FLAGS.table_from) as f:
       rows = [json.loads(line) for line in f if line.strip()]
     print(f'{rows[0]["device"] if rows else device.device_kind}, {rows[0]["dtype"] if rows else ""}')
-    print_tables(rows, peak_tflops(device) if rows and rows[0]['device'] == device.device_kind else None)
+    same_chip = rows and rows[0]['device'] == device.device_kind
+    print_tables(rows, peak_tflops(device) if same_chip else FLAGS.peak_tflops)
     return
   dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
   model_kw = parse_model_kw(FLAGS.model_kw)
@@ -405,7 +408,10 @@ def main(argv):
   rows = []
   for batch in FLAGS.batch:
     for name in FLAGS.models:
-      rows.append(measure(name, batch, dtype, model_kw))
+      try:
+        rows.append(measure(name, batch, dtype, model_kw))
+      except model_lib.ConfigError as e:  # e.g. a --model_kw field this version lacks
+        raise app.UsageError(str(e)) from None
       if FLAGS.json:
         with open(FLAGS.json, 'a') as f:
           f.write(json.dumps(rows[-1]) + '\n')

@@ -1,4 +1,5 @@
 """The speed benchmark's pieces: what a bare GPU box can import, and the PyTorch baseline's parity."""
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,31 @@ def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collec
     rows = [line for line in summary.splitlines() if line.startswith(f'| {model} |')]
     assert len(rows) == 2, summary  # batch 4 and the largest batch
     assert all('n/a' not in row for row in rows), summary  # both sides measured
+
+
+def _model_speed(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'model_speed.py'), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_model_speed_rejects_an_unknown_model_field_in_one_line():
+  out = _model_speed('--models=hvt-s-1', '--model_kw=no_such_field=1')
+  assert out.returncode != 0
+  assert 'no_such_field' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_model_speed_table_has_ratios_memory_and_mfu(tmp_path):
+  row = dict(model='hvt-s-1', batch=8, dtype='bfloat16', gmacs=2.4, compile_s=3.0,
+             train_flops=8 * 15e9, peak_bytes=3 * 2**30, device='cpu', forward_ips=40.0,
+             train_ips=10.0, forward_flops=8 * 5e9, torch_forward_ips=50.0,
+             torch_forward_kind='eager', torch_train_ips=8.0, torch_train_kind='compiled',
+             torch_warmup_s={'eager': 1.0, 'compiled': 30.0})
+  rows = tmp_path / 'rows.jsonl'
+  rows.write_text(json.dumps(row) + '\n')
+  out = _model_speed(f'--table_from={rows}', '--peak_tflops=1')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '| hvt-s-1 | 8 | 10.0 | 8.0 (compiled/eager) | 1.25x | 40.0 | 50.0 | 0.80x |' in out.stdout
+  line = next(l for l in out.stdout.splitlines() if l.startswith('hvt-s-1') and '15.00' in l)
+  # fwd GFLOP/img, peak GiB, MFU: 15 GFLOP x 10 img/s of a 1 TFLOP/s peak
+  assert line.split()[-3:] == ['5.00', '3.00', '15.0%']
