@@ -62,14 +62,20 @@ def config_for_run():
   return config
 
 
-def images_per_sec(dataset, batch: int) -> float:
+def images_per_sec(dataset, batch: int) -> tuple[float, float]:
+  """(images/s of wall time, CPU milliseconds of this process per image).
+
+  The CPU time counts every thread's work, so it stays meaningful on a busy or shared machine,
+  where the wall-clock rate drops with the other load.
+  """
   batches = dataset.as_numpy_iterator()
   for _ in range(FLAGS.warmup):
     next(batches)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(FLAGS.batches):
     next(batches)
-  return FLAGS.batches * batch / (time.perf_counter() - start)
+  images = FLAGS.batches * batch
+  return images / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / images
 
 
 def main(argv):
@@ -101,8 +107,9 @@ def main(argv):
         f'{FLAGS.recipe} (randaugment={config.aug.randaugment!r}, random_erase='
         f'{config.aug.random_erase}), tf.data threads: {threads} of {os.cpu_count()} CPU cores')
   for name, ds in (('train', train), ('eval', evals)):
-    rate = images_per_sec(ds, FLAGS.batch)
-    print(f'{name:5s}: {rate:8.1f} images/s total, {rate / threads:7.1f} per thread')
+    rate, cpu_ms = images_per_sec(ds, FLAGS.batch)
+    print(f'{name:5s}: {rate:8.1f} images/s total, {rate / threads:7.1f} per thread; '
+          f'{cpu_ms:5.2f} CPU ms per image = {1e3 / cpu_ms:6.1f} images/s per busy core')
 
 
 if __name__ == '__main__':

@@ -1,17 +1,37 @@
-"""Forward and train-step images/s of HVT-S-1 against the pool-free HVT-S-0, in one run.
+"""Forward and train-step images/s of HVT-S-1 against the pool-free HVT-S-0, in one run; with
+`--torch`, against the same models in PyTorch as well.
 
   python benchmarks/model_speed.py                       # defaults: batch 64, bf16 on GPU/TPU
   python benchmarks/model_speed.py --batch=16 --steps=3  # CPU-sized
+  python benchmarks/model_speed.py --torch --batch=16 --steps=3   # + the PyTorch baseline
+  python benchmarks/model_speed.py --torch --batch=256,max       # GPU: also the largest batch
+  python benchmarks/model_speed.py --model_kw=attention=cudnn,remat=true   # any HVT field
 
 The train step is the real one (`train_step.train_step`: mixup/cutmix on device,
 AdamW, EMA) at 224x224. The printed ratio S-0 time / S-1 time is what pooling buys;
 the paper's GMACs ratio is 4.57 / 2.40 = 1.9x.
+
+The PyTorch baseline (`torch_hvt.py`: the official architecture, SDPA attention, AdamW, EMA)
+gets the same batch, dtype (bf16 autocast for bfloat16) and threads, and runs interleaved with
+JAX: each of `--repeats` rounds times JAX, then PyTorch; the medians are printed. On a GPU it is
+timed eager and under `torch.compile`, and the faster is reported. `--batch=max` takes the
+largest batch whose compiled JAX train step fits the device memory (XLA's memory analysis); there
+the two sides run one after the other, PyTorch first, so each may use the whole device.
 """
 from __future__ import annotations
 
 import os
+
+# PyTorch shares the accelerator: JAX allocates as it goes instead of taking 75% up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import gc
+import json
 import platform
+import statistics
+import sys
 import time
+from typing import Any, Callable
 
 from absl import app, flags
 import jax
@@ -24,67 +44,378 @@ from hvt_jax import model as model_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['hvt-s-1', 'hvt-s-0'], 'models to time; the ratio compares the first two')
-flags.DEFINE_integer('batch', 64, 'global batch size')
+flags.DEFINE_list('batch', ['64'], 'global batch size(s); "max": the largest that fits the device')
 flags.DEFINE_integer('steps', 10, 'timed steps per measurement (after 2 warm-up steps)')
 flags.DEFINE_string('dtype', None, 'compute dtype; default bfloat16 on accelerators, float32 on CPU')
+flags.DEFINE_string('model_kw', '', 'extra HVT fields for every model, e.g. attention=cudnn,remat=true')
+flags.DEFINE_bool('torch', False, 'also time the PyTorch baseline (needs torch)')
+flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'yes', 'no'],
+                  'PyTorch: auto = eager and torch.compile on GPU (the faster is reported), '
+                  'eager only on CPU')
+flags.DEFINE_integer('repeats', 3, 'interleaved rounds per measurement; medians are reported')
+flags.DEFINE_float('peak_tflops', None, 'the chip\'s peak TFLOP/s for MFU; default: known chips\' '
+                   'dense bf16 peak')
+flags.DEFINE_integer('probe_batch', 256, '--batch=max: compile at this batch to estimate the largest')
+flags.DEFINE_float('memory_gb', None, '--batch=max: device memory to fit in; default the device\'s')
+flags.DEFINE_float('time_budget', 0, 'seconds; when little is left, skip torch.compile (0: no limit)')
+flags.DEFINE_string('json', None, 'append one JSON line per (model, batch) here')
+flags.DEFINE_string('table_from', None, 'print the tables of the JSON lines in this file; measure nothing')
+
+# Dense bf16 peak TFLOP/s per chip (vendor data sheets), matched against device_kind in order.
+PEAK_BF16_TFLOPS = [
+    ('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('GH200', 989.0),
+    ('A100', 312.0), ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0), ('TPU v5', 459.0), ('TPU v6 lite', 918.0), ('TPU v6e', 918.0),
+]
+_START = time.perf_counter()
 
 
-def _time(fn, steps: int) -> float:
-  """Seconds per call, after two warm-up calls (compilation and first-run effects)."""
-  for _ in range(2):
-    jax.block_until_ready(fn())
+def peak_tflops(device) -> float | None:
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops
+  return next((t for key, t in PEAK_BF16_TFLOPS if key.lower() in device.device_kind.lower()), None)
+
+
+def parse_model_kw(text: str) -> dict[str, Any]:
+  """'attention=cudnn,remat=true,depth=2' -> typed values; unknown fields fail in model.variant."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, _, value = item.partition('=')
+    low = value.lower()
+    if low in ('true', 'false'):
+      out[key] = low == 'true'
+    else:
+      for kind in (int, float, str):
+        try:
+          out[key] = kind(value)
+          break
+        except ValueError:
+          pass
+  return out
+
+
+def _seconds_per_call(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> float:
   start = time.perf_counter()
   for _ in range(steps):
     out = fn()
-  jax.block_until_ready(out)
+  sync(out)
   return (time.perf_counter() - start) / steps
 
 
-def measure(name: str, batch: int, steps: int, dtype: str) -> dict:
-  config = defaults.train_config()
-  config.model = model_lib.variant(name, drop_path=0.1, dtype=dtype)
-  config.batch_size = batch
-  model = model_lib.HVT(**config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  schedule = optim.lr_schedule(config.optim, batch, config.num_epochs, 1000)
-  tx = optim.make(config.optim, schedule)
-  state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True, mesh=mesh)
-  p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
-  rng = np.random.default_rng(0)
-  images = jax.device_put(rng.normal(size=(batch, 224, 224, 3)).astype(np.float32),
-                          sharding.batch_sharding(mesh))
-  labels = jax.device_put(rng.integers(0, 1000, batch).astype(np.int32),
-                          sharding.batch_sharding(mesh))
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  fwd_s = _time(lambda: forward(state.params, images), steps)
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost or {}
 
-  holder = [state]
 
-  def one_step():
-    holder[0], metrics = p_train(holder[0], {'image': images, 'label': labels})
+def _peak_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries, less the outputs written over donated arguments."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+class JaxSide:
+  """The compiled forward and real train step of one model at one batch size."""
+
+  def __init__(self, name: str, batch: int, dtype: str, model_kw: dict, *, allocate: bool = True):
+    config = defaults.train_config()
+    config.model = model_lib.variant(name, **{'drop_path': 0.1, 'dtype': dtype, **model_kw})
+    config.batch_size = batch
+    self.name, self.batch, self.fields = name, batch, dict(config.model)
+    self.model = model = model_lib.HVT(**config.model)
+    self.config = config
+    mesh = sharding.make_mesh(config.mesh)
+    schedule = optim.lr_schedule(config.optim, batch, config.num_epochs, 1000)
+    tx = optim.make(config.optim, schedule)
+    self.state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True, mesh=mesh)
+    p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+    size = model.image_size
+    spec = sharding.batch_sharding(mesh)
+    abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), np.float32, sharding=spec),
+                'label': jax.ShapeDtypeStruct((batch,), np.int32, sharding=spec)}
+    start = time.perf_counter()
+    self.train = p_train.lower(self.state, abstract).compile()
+    self.compile_s = time.perf_counter() - start
+    self.train_flops = _cost(self.train).get('flops')
+    self.peak_bytes = _peak_bytes(self.train)
+    self.memory = self.train.memory_analysis()
+    if allocate:
+      self.allocate()
+
+  def allocate(self):
+    rng = np.random.default_rng(0)
+    spec = sharding.batch_sharding(sharding.make_mesh(self.config.mesh))
+    size = self.model.image_size
+    self.batch_arrays = {
+        'image': jax.device_put(rng.normal(size=(self.batch, size, size, 3)).astype(np.float32), spec),
+        'label': jax.device_put(rng.integers(0, self.model.num_classes, self.batch).astype(np.int32),
+                                spec)}
+    model = self.model
+    forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    self.forward = forward.lower(self.state.params, self.batch_arrays['image']).compile()
+    self.forward_flops = _cost(self.forward).get('flops')
+
+  def run_forward(self):
+    return self.forward(self.state.params, self.batch_arrays['image'])
+
+  def run_train(self):
+    self.state, metrics = self.train(self.state, self.batch_arrays)
     return metrics['loss']
 
-  train_s = _time(one_step, steps)
-  return {'model': name, 'gmacs': summary.macs(model) / 1e9,
-          'forward_ips': batch / fwd_s, 'train_ips': batch / train_s}
+  sync = staticmethod(jax.block_until_ready)
 
 
-def main(argv):
-  del argv
+class TorchSide:
+  """The PyTorch baseline at the same batch and dtype: eager, or under torch.compile."""
+
+  def __init__(self, fields: dict, batch: int, dtype: str, compiled: bool):
+    import torch  # optional dependency, only with --torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_hvt
+    self.torch = torch
+    self.device = 'cuda' if torch.cuda.is_available() and jax.devices()[0].platform == 'gpu' else 'cpu'
+    if self.device == 'cpu':
+      torch.set_num_threads(os.cpu_count())
+    else:
+      torch.set_float32_matmul_precision('high')  # TF32, as XLA's default precision on GPU
+    self.kind = 'compiled' if compiled else 'eager'
+    self.net = torch_hvt.TorchHVT(**fields).to(self.device)
+    self.step, self.predict = torch_hvt.make_train_step(
+        self.net, lr=1e-3, weight_decay=0.025, ema_decay=0.99996,
+        num_classes=fields['num_classes'], dtype=torch_hvt.torch_dtype(dtype),
+        compile_model=compiled)
+    size = fields['image_size']
+    gen = torch.Generator().manual_seed(0)
+    self.images = torch.randn(batch, 3, size, size, generator=gen).to(self.device)
+    self.labels = torch.randint(0, fields['num_classes'], (batch,), generator=gen).to(self.device)
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up; under torch.compile this compiles forward and backward
+      self.sync(self.step(self.images, self.labels))
+      self.sync(self.predict(self.images))
+    self.warmup_s = time.perf_counter() - start
+
+  def run_forward(self):
+    return self.predict(self.images)
+
+  def run_train(self):
+    return self.step(self.images, self.labels)
+
+  def sync(self, _):
+    if self.device == 'cuda':
+      self.torch.cuda.synchronize()
+
+  def free(self):
+    del self.net, self.step, self.predict, self.images, self.labels
+    gc.collect()
+    if self.device == 'cuda':
+      self.torch.cuda.empty_cache()
+
+
+def _rounds(sides: list, steps: int, repeats: int) -> dict[int, dict[str, float]]:
+  """Median seconds per forward / train call of each side, over `repeats` interleaved rounds."""
+  times = {i: {'forward': [], 'train': []} for i in range(len(sides))}
+  for side in sides:  # warm-up (JAX is compiled already; PyTorch warmed up on creation)
+    for _ in range(2):
+      side.sync(side.run_forward())
+      side.sync(side.run_train())
+  for _ in range(repeats):
+    for i, side in enumerate(sides):
+      times[i]['forward'].append(_seconds_per_call(side.run_forward, side.sync, steps))
+      times[i]['train'].append(_seconds_per_call(side.run_train, side.sync, steps))
+  return {i: {k: statistics.median(v) for k, v in t.items()} for i, t in times.items()}
+
+
+def _torch_kinds() -> list[bool]:
+  """Which PyTorch variants to time: False = eager, True = torch.compile."""
+  on_gpu = jax.devices()[0].platform == 'gpu'
+  if FLAGS.torch_compile == 'no' or (FLAGS.torch_compile == 'auto' and not on_gpu):
+    return [False]
+  left = FLAGS.time_budget - (time.perf_counter() - _START) if FLAGS.time_budget else None
+  if left is not None and left < 150:
+    print(f'  (torch.compile skipped: {left:.0f} s of the time budget left)')
+    return [False]
+  return [False, True] if FLAGS.torch_compile == 'auto' else [True]
+
+
+def largest_batch(name: str, dtype: str, model_kw: dict, limit_bytes: float) -> JaxSide:
+  """The train step compiled at the largest batch (a multiple of 32) that XLA says fits.
+
+  Peak memory is near-linear in the batch: one probe compile gives the slope, a second compile
+  checks the estimate (and shrinks it while it does not fit).
+  """
+  probe = JaxSide(name, FLAGS.probe_batch, dtype, model_kw, allocate=False)
+  if probe.peak_bytes is None:
+    return probe
+  size = probe.model.image_size
+  # The state (parameters, EMA, Adam moments) is fixed; counting everything else per example
+  # overestimates the slope a little, which errs towards fitting.
+  state = probe.memory.argument_size_in_bytes - FLAGS.probe_batch * (size * size * 3 * 4 + 4)
+  per_example = (probe.peak_bytes - state) / FLAGS.probe_batch
+  fixed = state
+  batch = _round_batch((0.95 * limit_bytes - fixed) / max(per_example, 1))
+  print(f'  {name}: {probe.peak_bytes / 2**30:.2f} GiB at batch {FLAGS.probe_batch} -> trying '
+        f'{batch} for {limit_bytes / 2**30:.2f} GiB')
+  for _ in range(4):
+    side = probe if batch == probe.batch else JaxSide(name, batch, dtype, model_kw, allocate=False)
+    if side.peak_bytes is None or side.peak_bytes <= limit_bytes:
+      return side
+    smaller = _round_batch(batch * limit_bytes / side.peak_bytes * 0.97)
+    if smaller >= batch:
+      break
+    batch = smaller
+    print(f'  {name}: does not fit ({side.peak_bytes / 2**30:.2f} GiB); trying {batch}')
+  raise app.UsageError(f'{name} does not fit in {limit_bytes / 2**30:.2f} GiB even at batch '
+                       f'{batch}; pass a larger --memory_gb or a smaller model.')
+
+
+def _round_batch(estimate: float) -> int:
+  """Multiples of 32 (whole warps, even splits over devices); small values as they are."""
+  b = int(estimate)
+  return b // 32 * 32 if b >= 64 else max(1, b)
+
+
+def measure(name: str, batch_arg: str, dtype: str, model_kw: dict) -> dict:
   device = jax.devices()[0]
-  dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
-  print(f'jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}), '
-        f'host {platform.processor() or platform.machine()} with {os.cpu_count()} cores; '
-        f'batch {FLAGS.batch}, {dtype}, {FLAGS.steps} timed steps')
-  rows = [measure(name, FLAGS.batch, FLAGS.steps, dtype) for name in FLAGS.models]
+  if batch_arg == 'max':
+    limit = (FLAGS.memory_gb * 2**30 if FLAGS.memory_gb else
+             (device.memory_stats() or {}).get('bytes_limit'))
+    if not limit:
+      raise app.UsageError('--batch=max needs the device memory: this device does not report '
+                           'it; pass --memory_gb.')
+    jax_side = largest_batch(name, dtype, model_kw, limit)
+  else:
+    jax_side = JaxSide(name, int(batch_arg), dtype, model_kw, allocate=False)
+  batch = jax_side.batch
+  row = {'model': name, 'batch': batch, 'dtype': dtype, 'gmacs': summary.macs(jax_side.model) / 1e9,
+         'compile_s': jax_side.compile_s, 'train_flops': jax_side.train_flops,
+         'peak_bytes': jax_side.peak_bytes, 'device': device.device_kind}
+
+  torch_sides = []
+  sequential = batch_arg == 'max'
+  if FLAGS.torch:
+    for compiled in _torch_kinds():
+      try:
+        side = TorchSide(jax_side.fields, batch, dtype, compiled)
+      except Exception as e:  # e.g. out of memory at the largest JAX batch: say so, go on
+        print(f'  torch {"compiled" if compiled else "eager"} at batch {batch}: '
+              f'{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""}')
+        gc.collect()
+        if jax.devices()[0].platform == 'gpu':
+          import torch
+          torch.cuda.empty_cache()
+        continue
+      if sequential:  # time it now and free the device for the next one
+        t = _rounds([side], FLAGS.steps, FLAGS.repeats)[0]
+        torch_sides.append((side.kind, t, side.warmup_s))
+        side.free()
+      else:
+        torch_sides.append(side)
+  jax_side.allocate()
+  if sequential or not FLAGS.torch:
+    timed = _rounds([jax_side], FLAGS.steps, FLAGS.repeats)
+  else:
+    timed = _rounds([jax_side] + torch_sides, FLAGS.steps, FLAGS.repeats)
+    torch_sides = [(s.kind, timed[i + 1], s.warmup_s) for i, s in enumerate(torch_sides)]
+  jt = timed[0]
+  row.update(forward_ips=batch / jt['forward'], train_ips=batch / jt['train'],
+             forward_flops=jax_side.forward_flops)
+  for what in ('forward', 'train'):
+    if torch_sides:
+      kind, t, _ = min(torch_sides, key=lambda s: s[1][what])
+      row[f'torch_{what}_ips'], row[f'torch_{what}_kind'] = batch / t[what], kind
+  row['torch_warmup_s'] = {kind: w for kind, _, w in torch_sides}
+  peak = peak_tflops(device)
+  if peak and row['train_flops']:
+    row['mfu'] = row['train_flops'] * row['train_ips'] / batch / (peak * 1e12)
+  del jax_side
+  gc.collect()
+  return row
+
+
+def _fmt(x, spec):
+  return 'n/a' if x is None else format(x, spec)
+
+
+def print_tables(rows: list[dict], peak: float | None):
   print(f'{"model":<10} {"GMACs":>6} {"forward img/s":>14} {"train img/s":>12}')
   for r in rows:
     print(f'{r["model"]:<10} {r["gmacs"]:>6.2f} {r["forward_ips"]:>14.1f} {r["train_ips"]:>12.1f}')
-  if len(rows) >= 2:
+  if len(rows) >= 2 and rows[0]['batch'] == rows[1]['batch']:
     a, b = rows[0], rows[1]
     print(f'{a["model"]} vs {b["model"]}: forward {a["forward_ips"] / b["forward_ips"]:.2f}x, '
           f'train {a["train_ips"] / b["train_ips"]:.2f}x faster; GMACs ratio '
           f'{b["gmacs"] / a["gmacs"]:.2f}x')
+  if any('torch_train_ips' in r for r in rows):
+    print()
+    print('| model | batch | train img/s jax | train img/s torch | ratio | forward img/s jax | '
+          'forward img/s torch | ratio |')
+    print('|---|---|---|---|---|---|---|---|')
+    for r in rows:
+      tt, tf_ = r.get('torch_train_ips'), r.get('torch_forward_ips')
+      kinds = {r.get('torch_train_kind'), r.get('torch_forward_kind')} - {None}
+      tag = f' ({"/".join(sorted(kinds))})' if kinds and kinds != {'eager'} else ''
+      print(f'| {r["model"]} | {r["batch"]} | {r["train_ips"]:.1f} | {_fmt(tt, ".1f")}{tag} | '
+            f'{_fmt(tt and r["train_ips"] / tt, ".2f")}x | {r["forward_ips"]:.1f} | '
+            f'{_fmt(tf_, ".1f")} | {_fmt(tf_ and r["forward_ips"] / tf_, ".2f")}x |')
+  print()
+  print(f'{"model":<10} {"batch":>5} {"compile s":>9} {"train GFLOP/img":>15} '
+        f'{"fwd GFLOP/img":>13} {"peak GiB":>8} {"MFU":>6}')
+  for r in rows:
+    per = lambda f: f and f / r['batch'] / 1e9
+    mfu = r.get('mfu')
+    if mfu is None and peak and r['train_flops']:
+      mfu = r['train_flops'] * r['train_ips'] / r['batch'] / (peak * 1e12)
+    print(f'{r["model"]:<10} {r["batch"]:>5} {r["compile_s"]:>9.1f} '
+          f'{_fmt(per(r["train_flops"]), ".2f"):>15} {_fmt(per(r.get("forward_flops")), ".2f"):>13} '
+          f'{_fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".2f"):>8} '
+          f'{"n/a" if mfu is None else f"{100 * mfu:.1f}%":>6}')
+  warm = [f'{r["model"]}@{r["batch"]} ' + ', '.join(f'{k} {v:.0f} s' for k, v in r['torch_warmup_s'].items())
+          for r in rows if r.get('torch_warmup_s')]
+  if warm:
+    print('PyTorch warm-up (2 steps; includes torch.compile): ' + '; '.join(warm))
+  print('compile s: the JAX train step (lower + compile). GFLOP/img: XLA cost analysis of the '
+        'compiled step / batch. peak GiB: XLA memory analysis of the train step, arguments + '
+        'outputs + temporaries - donated (aliased) buffers. MFU: train FLOPs x img/s / '
+        + (f'{peak:.0f} TFLOP/s peak' if peak else 'peak (unknown chip: pass --peak_tflops)') + '.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  device = jax.devices()[0]
+  if FLAGS.table_from:
+    with open(FLAGS.table_from) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    print(f'{rows[0]["device"] if rows else device.device_kind}, {rows[0]["dtype"] if rows else ""}')
+    same_chip = rows and rows[0]['device'] == device.device_kind
+    print_tables(rows, peak_tflops(device) if same_chip else FLAGS.peak_tflops)
+    return
+  dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
+  model_kw = parse_model_kw(FLAGS.model_kw)
+  cache = 'on' if jax.config.jax_compilation_cache_dir else 'off'
+  print(f'jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}), '
+        f'host {platform.processor() or platform.machine()} with {os.cpu_count()} cores; '
+        f'batch {",".join(FLAGS.batch)}, {dtype}, {FLAGS.steps} timed steps'
+        + (f' x {FLAGS.repeats} rounds' if FLAGS.torch else '')
+        + (f'; model {FLAGS.model_kw}' if model_kw else '') + f'; persistent compile cache {cache}')
+  if FLAGS.torch:
+    import torch
+    print(f'torch {torch.__version__} ({torch.get_num_threads()} threads on CPU)'
+          f'{", CUDA " + torch.version.cuda if torch.cuda.is_available() else ""}')
+  rows = []
+  for batch in FLAGS.batch:
+    for name in FLAGS.models:
+      try:
+        rows.append(measure(name, batch, dtype, model_kw))
+      except model_lib.ConfigError as e:  # e.g. a --model_kw field this version lacks
+        raise app.UsageError(str(e)) from None
+      if FLAGS.json:
+        with open(FLAGS.json, 'a') as f:
+          f.write(json.dumps(rows[-1]) + '\n')
+  print_tables(rows, peak_tflops(device))
 
 
 if __name__ == '__main__':

@@ -11,9 +11,10 @@ The settings are Python numbers (fixed for a run), so `jax.jit` sees them as con
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 
@@ -74,8 +75,12 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: in
 
 
 def mix_from_config(rng: jax.Array, batch: dict[str, jax.Array],
-                    config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-  """`mix` with the settings of `config.mix` and `config.model.num_classes`."""
+                    config: Any) -> tuple[jax.Array, jax.Array]:
+  """`mix` with the settings of `config.mix` and `config.model.num_classes`.
+
+  `config`: the training ConfigDict (typed Any so this module, like the train step, imports
+  without ml_collections, e.g. on a GPU box that only has jax and torch).
+  """
   m = config.mix
   return mix(rng, batch['image'], batch['label'], num_classes=config.model.num_classes,
              mixup=float(m.mixup), cutmix=float(m.cutmix), mix_prob=float(m.mix_prob),

@@ -156,10 +156,12 @@ def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
   erase = (tf.random.stateless_uniform([], s_apply) < prob) & tf.reduce_any(fits)
 
   def erased():
-    rows = tf.range(shape[0])[:, None, None]
-    cols = tf.range(shape[1])[None, :, None]
-    box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    return tf.where(box, tf.random.stateless_normal(shape, s_noise, dtype=image.dtype), image)
+    # The noise is drawn for the whole image (so a pixel's value depends only on the seed), and
+    # the box is spliced in with slices: a masked tf.where over every pixel costs ~4x as much.
+    noise = tf.random.stateless_normal(shape, s_noise, dtype=image.dtype)
+    middle = tf.concat([image[top:top + h, :left], noise[top:top + h, left:left + w],
+                        image[top:top + h, left + w:]], axis=1)
+    return tf.concat([image[:top], middle, image[top + h:]], axis=0)
 
   return tf.cond(erase, erased, lambda: image)
 

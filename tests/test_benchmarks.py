@@ -1,0 +1,160 @@
+"""The speed benchmark's pieces: what a bare GPU box can import, and the PyTorch baseline's parity."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY
+from hvt_jax import model as model_lib
+from hvt_jax.interop import convert
+import torch_layout
+
+# What a GPU machine with only jax/flax/optax/orbax/torch lacks (benchmarks/gpu_check.sh).
+_ABSENT = ['tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu']
+_BLOCK = f'import sys; sys.modules.update(dict.fromkeys({_ABSENT!r}, None)); '
+
+
+def _run_blocked(code: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-c', _BLOCK + code], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_model_and_train_step_import_without_tensorflow_or_ml_collections():
+  mods = ['hvt_jax', 'hvt_jax.model', 'hvt_jax.training.train_step', 'hvt_jax.training.optim',
+          'hvt_jax.training.sharding', 'hvt_jax.data.mixup', 'hvt_jax.training.checkpoint']
+  code = ''.join(f'import {m}; ' for m in mods)
+  code += f'bad = sorted(m for m in {_ABSENT!r} if sys.modules.get(m) is not None); print(bad)'
+  out = _run_blocked(code)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'
+
+
+def test_blocking_really_blocks():
+  # The check above is only worth something if a blocked import fails.
+  out = _run_blocked('import ml_collections')
+  assert out.returncode != 0 and 'ml_collections' in out.stderr
+
+
+try:
+  import torch
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import torch_hvt
+except ImportError:
+  torch = None
+needs_torch = pytest.mark.skipif(
+    torch is None, reason='the PyTorch baseline needs torch (pip install -r '
+    'benchmarks/requirements.txt); CI does not install it')
+
+
+@needs_torch
+@pytest.mark.parametrize('fields', [
+    dict(TINY),
+    dict(TINY, pool_every=0, class_token=True, depth=2),
+], ids=['hvt', 'deit'])
+def test_torch_baseline_matches_jax_model_on_official_weights(fields):
+  model = model_lib.create('hvt-s-1', **fields)
+  counts = model.tokens_per_block()
+  pooling = [i for i in range(model.depth) if model_lib.pools_at(i, model.pool_every)]
+  sd = torch_layout.random_state_dict(
+      np.random.default_rng(0), width=model.num_heads * model.head_dim, depth=model.depth,
+      patch=model.patch_size, image=model.image_size, classes=model.num_classes,
+      pooling_blocks=pooling, pooled_tokens=[counts[i + 1] for i in pooling],
+      class_token=model.class_token)
+  images = np.random.default_rng(1).normal(size=(3, model.image_size, model.image_size, 3))
+  images = images.astype(np.float32)
+
+  net = torch_hvt.TorchHVT(**model.config()).eval()
+  net.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True)
+  with torch.no_grad():
+    got = net(torch.tensor(images.transpose(0, 3, 1, 2))).numpy()
+  params = convert.to_flax(sd, model.config())
+  want = np.asarray(model.apply({'params': params}, images))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  # And back: hvt_jax parameters give the official state dict.
+  back = torch_hvt.state_dict_from_flax(jax.tree.map(np.asarray, params))
+  assert sorted(back) == sorted(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+@needs_torch
+def test_torch_train_step_learns():
+  model = model_lib.create('hvt-s-1', **TINY)
+  net = torch_hvt.TorchHVT(**model.config())
+  step, predict = torch_hvt.make_train_step(net, lr=1e-3, weight_decay=0.05, ema_decay=0.9,
+                                            num_classes=model.num_classes, dtype=torch.float32)
+  images = torch.randn(4, 3, model.image_size, model.image_size)
+  labels = torch.tensor([0, 1, 2, 3])
+  first = float(step(images, labels))
+  for _ in range(5):
+    last = float(step(images, labels))
+  assert last < first
+  assert predict(images).shape == (4, model.num_classes)
+
+
+# Makes the installed copies of these modules unimportable, as on a GPU box that lacks them; a copy
+# elsewhere (gpu_check.sh's unpacked ml_collections wheel) still imports.
+_SITECUSTOMIZE = f'''
+import importlib.machinery, sys
+class _PathFinderWithout(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    spec = super().find_spec(name, path, target)
+    if (spec is not None and name.split('.')[0] in {_ABSENT!r}
+        and 'site-packages' in (spec.origin or '')):
+      return None  # not found, as where it is not installed (importlib.util.find_spec too)
+    return spec
+sys.meta_path[:] = [_PathFinderWithout if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+'''
+
+
+@needs_torch
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collections(tmp_path):
+  (tmp_path / 'sitecustomize.py').write_text(_SITECUSTOMIZE)
+  env = dict(os.environ, HVT_SMOKE='1', PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu',
+             PYTHON=sys.executable)
+  out = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_check.sh')], env=env,
+                       capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'using benchmarks/wheels' in out.stdout
+  summary = out.stdout.split('=== gpu_check summary')[-1]
+  for model in ('hvt-s-1', 'hvt-s-0'):
+    rows = [line for line in summary.splitlines() if line.startswith(f'| {model} |')]
+    assert len(rows) == 2, summary  # batch 4 and the largest batch
+    assert all('n/a' not in row for row in rows), summary  # both sides measured
+
+
+def _model_speed(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'model_speed.py'), *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_model_speed_rejects_an_unknown_model_field_in_one_line():
+  out = _model_speed('--models=hvt-s-1', '--model_kw=no_such_field=1')
+  assert out.returncode != 0
+  assert 'no_such_field' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_model_speed_table_has_ratios_memory_and_mfu(tmp_path):
+  row = dict(model='hvt-s-1', batch=8, dtype='bfloat16', gmacs=2.4, compile_s=3.0,
+             train_flops=8 * 15e9, peak_bytes=3 * 2**30, device='cpu', forward_ips=40.0,
+             train_ips=10.0, forward_flops=8 * 5e9, torch_forward_ips=50.0,
+             torch_forward_kind='eager', torch_train_ips=8.0, torch_train_kind='compiled',
+             torch_warmup_s={'eager': 1.0, 'compiled': 30.0})
+  rows = tmp_path / 'rows.jsonl'
+  rows.write_text(json.dumps(row) + '\n')
+  out = _model_speed(f'--table_from={rows}', '--peak_tflops=1')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '| hvt-s-1 | 8 | 10.0 | 8.0 (compiled/eager) | 1.25x | 40.0 | 50.0 | 0.80x |' in out.stdout
+  line = next(l for l in out.stdout.splitlines() if l.startswith('hvt-s-1') and '15.00' in l)
+  # fwd GFLOP/img, peak GiB, MFU: 15 GFLOP x 10 img/s of a 1 TFLOP/s peak
+  assert line.split()[-3:] == ['5.00', '3.00', '15.0%']
