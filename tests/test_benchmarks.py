@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
 from hvt_jax import model as model_lib
 from hvt_jax.interop import convert
-import torch_layout
+from tests import torch_layout
+from tests.helpers import REPO, TINY_MODEL
 
 # What a GPU machine with only jax/flax/optax/orbax/torch lacks (benchmarks/gpu_check.sh).
 _ABSENT = ['tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu']
@@ -53,8 +53,8 @@ needs_torch = pytest.mark.skipif(
 
 @needs_torch
 @pytest.mark.parametrize('fields', [
-    dict(TINY),
-    dict(TINY, pool_every=0, class_token=True, depth=2),
+    dict(TINY_MODEL),
+    dict(TINY_MODEL, pool_every=0, class_token=True, depth=2),
 ], ids=['hvt', 'deit'])
 def test_torch_baseline_matches_jax_model_on_official_weights(fields):
   model = model_lib.create('hvt-s-1', **fields)
@@ -85,7 +85,7 @@ def test_torch_baseline_matches_jax_model_on_official_weights(fields):
 
 @needs_torch
 def test_torch_train_step_learns():
-  model = model_lib.create('hvt-s-1', **TINY)
+  model = model_lib.create('hvt-s-1', **TINY_MODEL)
   net = torch_hvt.TorchHVT(**model.config())
   step, predict = torch_hvt.make_train_step(net, lr=1e-3, weight_decay=0.05, ema_decay=0.9,
                                             num_classes=model.num_classes, dtype=torch.float32)

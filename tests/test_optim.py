@@ -86,7 +86,7 @@ class _Linear:
 
 def test_ema_moves_toward_params():
   """The train step keeps `ema_decay` of the old EMA and takes the rest from the new weights."""
-  import tiny_config
+  from tests import tiny_config
   from hvt_jax.training import train_step
   config = tiny_config.get_config()
   config.ema_decay = 0.9
