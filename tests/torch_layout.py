@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import io
 import pickle
 import sys
@@ -48,8 +49,19 @@ def _fake_torch_globals():
 
 
 class _Tensor:
-  def __init__(self, array, key):
+  def __init__(self, array, key, view=None):
     self.array, self.key = np.ascontiguousarray(array), key
+    strides = tuple(s // self.array.itemsize for s in self.array.strides)
+    self.view = view or (0, self.array.shape, strides)
+
+
+@dataclasses.dataclass
+class View:
+  """A tensor record claiming any offset, shape and strides over `storage` (hostile files)."""
+  storage: np.ndarray
+  offset: int
+  shape: tuple
+  strides: tuple
 
 
 def write_pth(path, obj, archive_name='archive'):
@@ -60,6 +72,12 @@ def write_pth(path, obj, archive_name='archive'):
     if isinstance(o, np.ndarray):
       storages.append(o)
       return _Tensor(o, str(len(storages) - 1))
+    if isinstance(o, View):  # views of one storage object share one storage record
+      index = next((i for i, a in enumerate(storages) if a is o.storage), None)
+      if index is None:
+        storages.append(o.storage)
+        index = len(storages) - 1
+      return _Tensor(o.storage, str(index), (o.offset, o.shape, o.strides))
     if isinstance(o, collections.OrderedDict):
       return collections.OrderedDict((k, wrap(v)) for k, v in o.items())
     if isinstance(o, dict):
@@ -77,8 +95,8 @@ def write_pth(path, obj, archive_name='archive'):
 
       def reducer_override(self, o):
         if isinstance(o, _Tensor):
-          strides = tuple(s // o.array.itemsize for s in o.array.strides)
-          return utils._rebuild_tensor_v2, (('__storage__', o), 0, o.array.shape, strides, False,
+          offset, shape, strides = o.view
+          return utils._rebuild_tensor_v2, (('__storage__', o), offset, shape, strides, False,
                                             collections.OrderedDict())
         return NotImplemented
 
