@@ -10,10 +10,12 @@ any pickled code (`pth_reader.py`). Then `hvt_jax.load('/tmp/hvt_ti_1')` returns
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from absl import flags
 import numpy as np
+import tqdm
 
 from hvt_jax import defaults
 from hvt_jax.training import checkpoint
@@ -119,9 +121,15 @@ def to_flax(sd: dict[str, np.ndarray], config: dict) -> dict:
   return params
 
 
-def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
-  """Reads an official checkpoint and writes a model dir; returns its path."""
-  sd = state_dict_of(pth_reader.load(pytorch_path), key)
+def convert(pytorch_path: str, output: str, key: str | None = None, progress: bool = False) -> str:
+  """Reads an official checkpoint and writes a model dir; returns its path.
+
+  `progress`: show a bar (on stderr) while the tensors are read.
+  """
+  size = os.path.getsize(pytorch_path) if os.path.isfile(pytorch_path) else None
+  with tqdm.tqdm(total=size, unit='B', unit_scale=True, desc=f'reading {pytorch_path}',
+                 disable=not progress, leave=False) as bar:
+    sd = state_dict_of(pth_reader.load(pytorch_path, progress=bar.update), key)
   config = infer_config(sd)
   model = model_lib.HVT(**config)
   params = to_flax(sd, config)
@@ -144,7 +152,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key)
+  out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key, progress=True)
   model, params = checkpoint.load_model_dir(out, sharding='cpu')
   print(f'wrote {out}: {model_lib.param_count(params):,} parameters, '
         f'tokens per block {model.tokens_per_block()}')

@@ -14,7 +14,7 @@ import io
 import math
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 import zipfile
 import zlib
 
@@ -149,9 +149,11 @@ _ALLOWED = {
 
 class _Unpickler(pickle.Unpickler):
 
-  def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+  def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str,
+               progress: Callable[[int], Any]):
     super().__init__(io.BytesIO(data))
     self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+    self._progress = progress
     self._storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module, name):
@@ -177,6 +179,7 @@ class _Unpickler(pickle.Unpickler):
       if len(raw) < numel * dtype.itemsize:
         raise PthError(f'storage {key} is shorter than recorded: the file is truncated.')
       self._storages[key] = np.frombuffer(raw, dtype, count=numel).astype(kind.dtype)
+      self._progress(len(raw))
     return self._storages[key]
 
 
@@ -190,10 +193,11 @@ def _refuse_bombs(path: str, archive: zipfile.ZipFile) -> None:
                      'to read it.')
 
 
-def load(path: str):
+def load(path: str, progress: Callable[[int], Any] = lambda nbytes: None):
   """Returns the object `torch.save` wrote, with every tensor as a numpy array.
 
   Memory stays within a small multiple of the file's size, whatever the file claims.
+  `progress` is called with the byte count of each storage read (a progress bar's update).
   """
   try:
     archive = zipfile.ZipFile(path)
@@ -213,7 +217,7 @@ def load(path: str):
     try:
       if f'{prefix}/byteorder' in names:
         byteorder = archive.read(f'{prefix}/byteorder').decode().strip()
-      obj = _Unpickler(archive.read(pickles[0]), archive, prefix, byteorder).load()
+      obj = _Unpickler(archive.read(pickles[0]), archive, prefix, byteorder, progress).load()
     except PthError:
       raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, zipfile.BadZipFile,

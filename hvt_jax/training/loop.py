@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from hvt_jax import defaults
+from hvt_jax import console, defaults
 from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
 from hvt_jax.data import datasets, input_pipeline
 from hvt_jax import model as model_lib
@@ -191,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       else:
         logging.warning('checkpoint saved by %d processes, now %d: the input restarts its order.',
                         len(data_states), jax.process_count())
-      logging.info('Resumed %s from step %d.', workdir, latest)
+      console.say(f'Resumed {workdir} from step {latest}.')
     else:
       state = jax.jit(make_state, out_shardings=shardings)(rng)
       if config.init_from:
@@ -219,8 +219,10 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
   config, step = run.config, int(state.step)
   if step == 0:
     writer.write_hparams(dict(_flatten(json.loads(config.to_json_best_effort()))))
-  logging.info('Training %s for %d steps (%d per epoch) on %d devices, mesh %s.', run.workdir,
-               run.total_steps, run.steps_per_epoch, jax.device_count(), dict(run.mesh.shape))
+  console.say(f'Training {run.workdir} for {run.total_steps} steps ({run.steps_per_epoch} per '
+              f'epoch) on {jax.device_count()} devices, mesh {dict(run.mesh.shape)}.')
+  if jax.process_index() == 0:
+    writer = metric_writers.MultiWriter([writer, console.Writer(run.total_steps, jax.device_count())])
   train_batches = input_pipeline.train_iterator(config, run.mesh, state=data_state)
   eval_batches = input_pipeline.eval_iterator(config, run.mesh)
   report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
@@ -260,8 +262,19 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
   mngr.wait_until_finished()
   writer.flush()
   if jax.process_index() == 0:
-    logging.info('Curves: %s', curves.plot(run.workdir))
+    console.say(_final_line(run.workdir, curves.plot(run.workdir), mngr.best_step()))
   return state
+
+
+def _final_line(workdir: str, curves_png: str, best_step: int | None) -> str:
+  line = f'Done. Curves: {curves_png}'
+  if best_step is None:
+    return line
+  top1 = [r['eval/top1'] for r in curves.read(workdir)
+          if r.get('step') == best_step and 'eval/top1' in r]
+  score = f' (eval top-1 {top1[-1]:.2f}%)' if top1 else ''
+  where = epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR / str(best_step)
+  return f'{line}; best checkpoint: step {best_step}{score}, {where}'
 
 
 def _flatten(d: dict, prefix: str = ''):
