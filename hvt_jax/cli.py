@@ -35,9 +35,16 @@ class _DropLibraryChatter(py_logging.Filter):
   # metric; a dataset prepared for the first time has no dataset_info.json yet.
   EXPECTED = ('Requested `tracked_metric`; did not provide metrics', 'has no dataset_info.json')
 
+  # Orbax's background save threads log each failure, then re-raise it in the main thread,
+  # where it becomes the run's one line (a full disk) or its traceback.
+  REPEATED = ('raised an exception', 'in background save thread', 'Finalize thread')
+
   def filter(self, record):
     if record.levelno >= py_logging.WARNING:
-      return not any(text in str(record.msg) for text in self.EXPECTED)
+      message = record.getMessage()
+      if '/orbax/' in record.pathname and any(text in message for text in self.REPEATED):
+        return False
+      return not any(text in message for text in self.EXPECTED)
     return not any(part in record.pathname for part in self.NOISY)
 
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from hvt_jax import console, defaults
-from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
+from hvt_jax.training import checkpoint, curves, optim, safety, sharding, train_step
 from hvt_jax.data import datasets, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -154,6 +154,7 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+  safety.check_workdir(workdir)  # before minutes of dataset preparation and compilation
   model = model_lib.HVT(**config.model)
   model.tokens_per_block()  # impossible model settings fail here, in words
   mesh = sharding.make_mesh(config.mesh)
@@ -180,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   check_or_write_config(workdir, config)
   # Closing waits for pending async saves; an unclosed manager breaks interpreter exit.
-  with contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
+  with safety.storage_errors(workdir, str(epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR)), \
+       contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
        contextlib.closing(_writer(workdir)) as writer:
     latest = mngr.latest_step()
     data_state = None
