@@ -231,18 +231,25 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
                                            every_steps=config.log_every_steps)
   stop = _stop_on_sigterm()
   pending, t0, step0 = [], time.time(), step
+  finite, first_bad = jnp.array(True), jnp.array(0)  # on device, since the start of this run
+
+  def check_finite():  # before anything is logged, evaluated or saved
+    if not bool(finite):
+      raise TrainError(safety.diverged(int(first_bad), step, mngr.latest_step(), run.workdir))
+
   while step < run.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = run.train_step(state, next(train_batches))
     step += 1
+    finite, first_bad = safety.track_finite(finite, first_bad, metrics.pop('finite'), step)
     pending.append(metrics)
     report(step)
     last = step == run.total_steps
     if step % config.log_every_steps == 0 or last:
-      averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      if not np.isfinite(averaged['loss']):
-        raise TrainError(f'the loss became {averaged["loss"]} by step {step}; lower '
-                         '--config.optim.lr or enable --config.optim.grad_clip, and resume.')
+      check_finite()
+      averaged = {k: _finite_mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+      if 'skipped_updates' in averaged:
+        averaged['skipped_updates'] *= len(pending)  # a count, not a rate
       averaged['images_per_sec_per_device'] = (
           (step - step0) * config.batch_size / (time.time() - t0) / jax.device_count())
       averaged['epoch'] = step / run.steps_per_epoch
@@ -250,11 +257,13 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
       pending, t0, step0 = [], time.time(), step
     eval_metrics = None
     if step % run.eval_every == 0 or last:
+      check_finite()
       results = evaluate(run.eval_step, state, eval_batches)
       writer.write_scalars(step, results)
       eval_metrics = {checkpoint.BEST_METRIC: results['eval/top1']}
     preempted = stop.is_set() or mngr.reached_preemption(step)
     if eval_metrics or preempted or last or step % config.checkpoint_every_steps == 0:
+      check_finite()
       checkpoint.save_train(mngr, state, run.meta, all_process_states(train_batches.state),
                             eval_metrics)
     if preempted:
@@ -277,6 +286,13 @@ def _final_line(workdir: str, curves_png: str, best_step: int | None) -> str:
   score = f' (eval top-1 {top1[-1]:.2f}%)' if top1 else ''
   where = epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR / str(best_step)
   return f'{line}; best checkpoint: step {best_step}{score}, {where}'
+
+
+def _finite_mean(values) -> float:
+  """Skipped steps (config.skip_nonfinite) report a non-finite loss; they do not count."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else float('nan')
 
 
 def _flatten(d: dict, prefix: str = ''):

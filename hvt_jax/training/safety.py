@@ -2,7 +2,9 @@
 
 An unusable workdir is refused before anything is compiled. A disk that fills (or turns
 read-only) while saving stops the run; Orbax writes each step into a temporary directory
-and renames it only when complete, so the previous checkpoint stays the latest one.
+and renames it only when complete, so the previous checkpoint stays the latest one. A run
+whose loss or gradients stop being finite is stopped before it saves or logs that state,
+so the latest checkpoint is always a good one to resume from.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import contextlib
 import errno
 import os
 import tempfile
+
+import jax
+import jax.numpy as jnp
 
 from hvt_jax.errors import UserError
 
@@ -85,3 +90,19 @@ def storage_errors(workdir: str, checkpoints_dir: str):
               'starts over')
     raise RunStopped(f'writing to {workdir} failed ({reason}): {resume}. Free some space (or '
                      'fix the disk) first.') from None
+
+
+@jax.jit
+def track_finite(finite, first_bad, ok, step):
+  """(all steps so far finite, the first step that was not), kept on device: no step waits."""
+  return finite & ok, jnp.where(finite & ~ok, step, first_bad)
+
+
+def diverged(first_bad: int, step: int, last_good: int | None, workdir: str) -> str:
+  where = (f'the last good checkpoint is step {last_good}, which a rerun of the same command '
+           'resumes from' if last_good is not None else 'no checkpoint was saved before it')
+  return (f'the loss or gradients became non-finite (NaN/inf) at step {first_bad}; stopped at '
+          f'step {step} without saving. In {workdir}, {where}. Lower --config.optim.lr or set '
+          '--config.optim.grad_clip in a new --workdir (--config.init_from can start it from '
+          'the last good checkpoint), or rerun with --config.skip_nonfinite=True to skip such '
+          'updates.')
