@@ -40,8 +40,10 @@ def train_line(step: int, total: int, scalars: dict, eta: float | None) -> str:
            f'loss {scalars["train/loss"]:.4f}', f'lr {scalars["train/lr"]:.2e}']
   if 'train/images_per_sec' in scalars:
     parts.append(f'{scalars["train/images_per_sec"]:.0f} img/s')
-  if 'train/skipped_updates' in scalars and scalars['train/skipped_updates']:
+  if scalars.get('train/skipped_updates'):
     parts.append(f'skipped {scalars["train/skipped_updates"]:.0f} updates')
+  if scalars.get('train/skipped_examples'):
+    parts.append(f'skipped {scalars["train/skipped_examples"]:.0f} unreadable images')
   parts.append(f'ETA {_duration(eta)}' if eta is not None else 'ETA ?')
   return '  '.join(parts)
 

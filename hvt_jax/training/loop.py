@@ -248,8 +248,9 @@ def _train(run: Run, state, data_state, mngr, writer) -> train_step.TrainState:
     if step % config.log_every_steps == 0 or last:
       check_finite()
       averaged = {k: _finite_mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
-      if 'skipped_updates' in averaged:
-        averaged['skipped_updates'] *= len(pending)  # a count, not a rate
+      for count in ('skipped_updates', 'skipped_examples'):
+        if count in averaged:
+          averaged[count] *= len(pending)  # a count over the interval, not a rate
       averaged['images_per_sec_per_device'] = (
           (step - step0) * config.batch_size / (time.time() - t0) / jax.device_count())
       averaged['epoch'] = step / run.steps_per_epoch

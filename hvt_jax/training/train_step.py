@@ -87,6 +87,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   }
   if skip:
     metrics['skipped_updates'] = 1.0 - finite.astype(jnp.float32)
+  if 'ok' in batch:  # images that could not be decoded (input_pipeline.skip_undecodable)
+    metrics['skipped_examples'] = jnp.sum(1.0 - batch['ok'].astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   return new_state, metrics
 
