@@ -74,8 +74,8 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   skip = bool(config.get('skip_nonfinite', False))
   if skip:
-    params, opt_state, ema = keep_if_not(finite, (params, opt_state, ema),
-                                         (state.params, state.opt_state, state.ema_params))
+    params, opt_state, ema = choose(finite, (params, opt_state, ema),
+                                    (state.params, state.opt_state, state.ema_params))
   metrics = {
       'loss': loss,
       'grad_norm': grad_norm,
@@ -93,7 +93,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   return new_state, metrics
 
 
-def keep_if_not(ok, new, old):
+def choose(ok, new, old):
   """`new` where `ok`, else `old`, leaf by leaf.
 
   Not `optax.apply_if_finite`: that keeps only the optimizer safe, puts its counters into the
