@@ -80,6 +80,8 @@ def storage_errors(workdir: str, checkpoints_dir: str):
   into RunStopped naming the step a rerun resumes from."""
   try:
     yield
+  except UserError:
+    raise  # already one line that says what to do
   except Exception as e:  # Orbax raises from its save threads with many types
     reason = storage_reason(e)
     if reason is None:
