@@ -88,3 +88,25 @@ def test_eval_batch_sizes_are_padded_to_what_the_devices_split(eval_batch, proce
   assert input_pipeline.eval_local_batch_size(eval_batch, mesh, processes) == expected
   with pytest.raises(input_pipeline.InputError, match='batch_size=100 gives 100 per process'):
     input_pipeline.local_batch_size(100, types.SimpleNamespace(local_devices=[None] * 8), 1)
+
+
+def test_a_tfds_dataset_with_unreadable_images_trains_and_counts_them(tmp_path, monkeypatch):
+  import fake_imagenet
+  import tensorflow_datasets as tfds
+  from hvt_jax.training import curves
+  from test_train import run_main
+  jpeg = fake_imagenet._jpeg
+  monkeypatch.setattr(fake_imagenet, '_jpeg',
+                      lambda i, rng: b'not a jpeg' if i in (5, 20) else jpeg(i, rng))
+  fake_imagenet.write(str(tmp_path / 'manual'), per_class=12, num_val=29)
+  tfds.builder('imagenet2012', data_dir=str(tmp_path / 'tfds')).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'manual')))
+  # 48 training images, 2 of them unreadable: 6 steps of 8 per epoch.
+  result = run_main(tmp_path / 'run', '--config.data.name=imagenet2012',
+                    '--config.data.eval_split=validation', '--config.model.num_classes=1000',
+                    '--config.batch_size=8', '--config.eval_batch_size=8', '--config.max_steps=12',
+                    '--config.log_every_steps=6', '--config.eval_every_steps=1000',
+                    env={'TFDS_DATA_DIR': str(tmp_path / 'tfds')})
+  rows = [r for r in curves.read(tmp_path / 'run') if 'train/skipped_examples' in r]
+  assert [(r['step'], r['train/skipped_examples']) for r in rows] == [(6, 2), (12, 2)]
+  assert 'skipped 2 unreadable images' in result.stderr
