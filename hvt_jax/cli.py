@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 import threading
 from typing import Callable
@@ -12,13 +13,53 @@ from hvt_jax import defaults
 from hvt_jax.errors import UserError
 
 
+def quiet_native_logs() -> None:
+  """TensorFlow's and XLA's C++ start-up notices (CPU features, "All log messages before
+  absl::InitializeLog()") and per-op warnings ("OP_REQUIRES failed") are for developers.
+
+  Both read the environment once, when first imported (jax even sets its own default), so
+  `hvt_jax/__init__.py` calls this before importing either. An explicit setting or a
+  --verbosity flag keeps them.
+  """
+  if any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # TF 2.21 prints its oneDNN notice whatever the log level; the oneDNN kernels serve matmuls
+  # and convolutions, which the input pipeline (image ops) does not run, so turn them off.
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+
 class _DropLibraryChatter(py_logging.Filter):
   """Orbax and TFDS log every file they touch at INFO; keep only their warnings."""
   NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/', '/etils/')
+  # Warnings about what this project does on purpose: saves between evaluations carry no
+  # metric; a dataset prepared for the first time has no dataset_info.json yet.
+  EXPECTED = ('Requested `tracked_metric`; did not provide metrics', 'has no dataset_info.json')
+
+  # Orbax's background save threads log each failure, then re-raise it in the main thread,
+  # where it becomes the run's one line (a full disk) or its traceback.
+  REPEATED = ('raised an exception', 'in background save thread', 'Finalize thread')
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
+    if record.levelno >= py_logging.WARNING:
+      message = record.getMessage()
+      if '/orbax/' in record.pathname and any(text in message for text in self.REPEATED):
+        return False
+      return not any(text in message for text in self.EXPECTED)
+    return not any(part in record.pathname for part in self.NOISY)
+
+
+class _PlainFormatter(py_logging.Formatter):
+  """`warning: message`, without absl's time, thread and file:line prefix."""
+
+  def format(self, record):
+    return f'{record.levelname.lower()}: {record.getMessage()}'
+
+
+def quiet_console() -> None:
+  """The default console: absl's warnings only, as plain lines; `console` prints progress."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().setFormatter(_PlainFormatter())
 
 
 def quiet_libraries() -> None:
@@ -86,6 +127,8 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def wrapped(argv):
     quiet_libraries()
+    if not flags.FLAGS['verbosity'].present:  # --verbosity=0 brings back the full absl log
+      quiet_console()
     _drop_closed_loop_noise()
     try:
       main(argv)

@@ -100,6 +100,9 @@ def train_config() -> ml_collections.ConfigDict:
       grad_clip=0.0,  # global-norm clip; 0: off
   )
   c.ema_decay = 0.99996  # 0: no EMA
+  # A step whose loss or gradients are not finite: False stops the run before anything
+  # non-finite is saved; True skips that update (counted as train/skipped_updates).
+  c.skip_nonfinite = False
   c.mesh = (('data', -1),)  # add ('fsdp', n) to split parameters over n devices
 
   c.log_every_steps = 100

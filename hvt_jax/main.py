@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from hvt_jax import cli
+from hvt_jax import cli, console
 from hvt_jax.training import loop
 
 FLAGS = flags.FLAGS
@@ -65,9 +65,9 @@ def main(argv):
   config = cli.config()
   use_compile_cache()
   init_distributed()
-  logging.info('Process %d of %d; %d local / %d global devices (%s).', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  console.say(f'Process {jax.process_index()} of {jax.process_count()}; '
+              f'{jax.local_device_count()} local / {jax.device_count()} global devices '
+              f'({jax.devices()[0].platform}).')
   loop.train_and_evaluate(config, FLAGS.workdir)
 
 

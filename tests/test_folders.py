@@ -10,7 +10,7 @@ from PIL import Image
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, folders, input_pipeline
-from hvt_jax.training import sharding
+from hvt_jax.training import curves, sharding
 from tests import fake_imagenet
 from tests.helpers import run, run_main
 
@@ -176,11 +176,11 @@ def test_bad_folders_get_one_line(tmp_path):
 
 def test_train_from_folders_and_predict_names_the_classes(tree, tmp_path):
   root = tree[0]
-  trained = run_main(tmp_path, '--config.data.name=folder', f'--config.data.data_dir={root}',
+  run_main(tmp_path, '--config.data.name=folder', f'--config.data.data_dir={root}',
                      '--config.data.eval_split=val', '--config.model.num_classes=3',
                      '--config.batch_size=8', '--config.max_steps=2', '--config.data.cache=False',
                      timeout=600)
-  assert 'eval/examples=12' in trained.stderr
+  assert [r['eval/examples'] for r in curves.read(tmp_path) if 'eval/examples' in r] == [12]
   out = run('predict', f'--model={tmp_path}', str(root / 'val' / 'eel' / 'img108.png'),
             timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc = run_main(tmp_path, '--config.max_steps=100000', '--config.checkpoint_every_steps=1000',
                   '--config.eval_every_steps=1000', wait=False)
-  _wait_for_log(proc, 'train/loss')
+  _wait_for_log(proc, ' loss ')  # the console's step line
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-2000:]

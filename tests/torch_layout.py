@@ -14,6 +14,9 @@ from scipy.special import erf
 
 from hvt_jax.interop import pth_writer
 
+# A tensor record claiming any offset, shape and strides over a storage (hostile files).
+View = pth_writer.StorageView
+
 
 def write_pth(path, obj, archive_name='archive'):
   """`torch.save(obj, path)` for objects of dicts, numpy arrays and plain values."""

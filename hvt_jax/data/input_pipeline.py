@@ -54,9 +54,9 @@ class Source:
   """
   num_examples: int
   read: Callable[[tf.Tensor | None], tf.data.Dataset]
-  # Image folders: training leaves out files it cannot decode (TensorFlow logs each one);
-  # eval names them with `undecodable()`, which decodes every file of the share.
-  skip_undecodable: bool = False
+  # Image folders: eval names the files it cannot decode with `undecodable()`, which decodes
+  # every file of the share (training skips and counts them for every source, see
+  # `skip_undecodable`).
   undecodable: Callable[[], list[str]] | None = None
 
 
@@ -136,8 +136,7 @@ def folder_source(listing: folders.Listing, process_index: int, process_count: i
         lambda i: {'image': tf.io.read_file(paths_t[i]), 'label': labels_t[i]},
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  return Source(len(paths), read, skip_undecodable=True,
-                undecodable=lambda: folders.undecodable(paths))
+  return Source(len(paths), read, undecodable=lambda: folders.undecodable(paths))
 
 
 def split_source(config: ml_collections.ConfigDict, dataset: datasets.Dataset, split: str,
@@ -207,11 +206,43 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
 
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if source.skip_undecodable:
-    ds = ds.ignore_errors(log_warning=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = skip_undecodable(ds, augment, size)
+  ds = ds.batch(local_batch, drop_remainder=True).map(fill_skipped)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
+
+
+def skip_undecodable(ds: tf.data.Dataset, augment: Callable, size: int) -> tf.data.Dataset:
+  """`ds.map(augment)`, where a record that fails (a corrupt image) becomes a placeholder
+  with 'ok' False instead of ending the run.
+
+  TensorFlow cannot catch an op's error inside a map; `ignore_errors` can only drop the
+  element. Dropping per record, in a one-element dataset followed by the placeholder, keeps
+  one example per record, so positions, augmentation seeds and resumed streams stay as they
+  were for every valid image.
+  """
+  placeholder = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([size, size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
+      'ok': tf.constant(False)})
+
+  def one(*element):
+    decoded = tf.data.Dataset.from_tensors(element).map(
+        lambda *e: {**augment(*e), 'ok': tf.constant(True)}).ignore_errors()
+    return decoded.concatenate(placeholder).take(1)
+
+  return ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def fill_skipped(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Rows of skipped records take a copy of a valid row of the same batch: the batch keeps
+  its size, and the train step counts the copies from 'ok' (train/skipped_examples)."""
+  ok = batch['ok']
+  rows = tf.range(tf.shape(ok)[0])
+  valid = tf.boolean_mask(rows, ok)
+  count = tf.maximum(tf.size(valid), 1)  # no valid row at all: the placeholders stay
+  source = tf.where(ok, rows, tf.gather(tf.concat([valid, [0]], 0), rows % count))
+  return {'image': tf.gather(batch['image'], source), 'label': tf.gather(batch['label'], source),
+          'ok': ok}
 
 
 def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
@@ -260,6 +291,16 @@ def local_batch_size(batch_size: int, mesh: jax.sharding.Mesh, process_count: in
                      f'devices cannot split evenly: set --config.{name} to a multiple of '
                      f'{process_count * devices}.')
   return local
+
+
+def eval_local_batch_size(batch_size: int, mesh: jax.sharding.Mesh, process_count: int) -> int:
+  """Eval rows one process feeds: its share of `eval_batch_size`, rounded up to a multiple
+  of its devices. The extra rows are padding, masked out like the last batch's."""
+  if batch_size <= 0:
+    raise InputError(f'eval_batch_size={batch_size}: set --config.eval_batch_size to a positive '
+                     'number.')
+  devices = len(mesh.local_devices)
+  return math.ceil(math.ceil(batch_size / process_count) / devices) * devices
 
 
 def _put(batch: dict[str, np.ndarray], sharding_: jax.sharding.Sharding) -> dict[str, jax.Array]:
@@ -363,7 +404,7 @@ def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   `dataset`: the run's opened dataset; None opens the config's (`datasets.open_dataset`).
   """
   index, count = _processes(process_index, process_count)
-  local_batch = local_batch_size(config.eval_batch_size, mesh, count, 'eval_batch_size')
+  local_batch = eval_local_batch_size(config.eval_batch_size, mesh, count)
   dataset = dataset or datasets.open_dataset(config)
   total = dataset.num_eval
   source = split_source(config, dataset, config.data.eval_split, index, count)

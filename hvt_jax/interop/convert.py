@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import re
 
 from absl import flags
 import numpy as np
+import tqdm
 
 from hvt_jax import defaults
 from hvt_jax.training import checkpoint
@@ -144,16 +146,23 @@ def to_official(params, config: dict) -> collections.OrderedDict:
   return sd
 
 
-def read(pytorch_path: str, key: str | None = None) -> tuple[model_lib.HVT, dict]:
-  """`(model, params)` from a checkpoint in the official layout."""
-  sd = state_dict_of(pth_reader.load(pytorch_path), key)
+def read(pytorch_path: str, key: str | None = None,
+         progress: bool = False) -> tuple[model_lib.HVT, dict]:
+  """`(model, params)` from a checkpoint in the official layout.
+
+  `progress`: show a bar (on stderr) while the tensors are read.
+  """
+  size = os.path.getsize(pytorch_path) if os.path.isfile(pytorch_path) else None
+  with tqdm.tqdm(total=size, unit='B', unit_scale=True, desc=f'reading {pytorch_path}',
+                 disable=not progress, leave=False) as bar:
+    sd = state_dict_of(pth_reader.load(pytorch_path, progress=bar.update), key)
   config = infer_config(sd)
   return model_lib.HVT(**config), to_flax(sd, config)
 
 
-def convert(pytorch_path: str, output: str, key: str | None = None) -> str:
+def convert(pytorch_path: str, output: str, key: str | None = None, progress: bool = False) -> str:
   """Reads an official checkpoint and writes a model dir; returns its path."""
-  model, params = read(pytorch_path, key)
+  model, params = read(pytorch_path, key, progress)
   return save(output, model, params, source=f'converted from {pytorch_path}')
 
 
@@ -176,7 +185,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key)
+  out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key, progress=True)
   model, params = checkpoint.load(out, sharding='cpu')
   print(f'wrote {out}: {model_lib.param_count(params):,} parameters, '
         f'tokens per block {model.tokens_per_block()}')

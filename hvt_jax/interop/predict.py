@@ -13,6 +13,7 @@ line and the others are still classified; the exit status is 1 if any failed.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import flags
@@ -62,7 +63,9 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
   except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, tf.errors.UnknownError,
           tf.errors.FailedPreconditionError) as e:
     reason = 'no such file' if isinstance(e, tf.errors.NotFoundError) else 'not a readable image'
-    raise ImageError(f'{path}: {reason} ({e.message.splitlines()[0][:120]})') from None
+    # Without TF's op names around the reason: `{{function_node ...}} why [Op:DecodeImage] name:`.
+    detail = re.sub(r'^\{\{.*?\}\}|\[Op:.*$', '', e.message.splitlines()[0]).strip()
+    raise ImageError(f'{path}: {reason} ({detail[:120]})') from None
 
 
 def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32,

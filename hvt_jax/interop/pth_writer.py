@@ -15,6 +15,7 @@ The globals written are exactly the ones `pth_reader.py` and
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import struct
 import zipfile
@@ -26,6 +27,17 @@ from hvt_jax.interop import pth_reader
 _STORAGE_NAMES = {np.dtype(dtype): name for name, dtype in pth_reader.STORAGE_DTYPES.items()}
 _ALIGNMENT = 64
 _PADDING_ID = 0x4246  # the zip extra-field id torch uses for its alignment padding ('FB')
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageView:
+  """A tensor as torch records it: `shape` and `strides` (in elements) from `offset` of a
+  storage. Views of one storage array are written with one storage record, as torch shares
+  storages between tensors. Nothing checks that the view fits (tests write hostile files)."""
+  storage: np.ndarray
+  offset: int
+  shape: tuple
+  strides: tuple
 
 
 class _Emitter:
@@ -78,10 +90,14 @@ class _Emitter:
           self.save(v)
         self.write(b'u')
     elif isinstance(o, np.ndarray):
+      array = np.asarray(o, order='C')  # ascontiguousarray would make a 0-d array 1-d
+      self.tensor(StorageView(array, 0, array.shape,
+                              tuple(s // array.itemsize for s in array.strides)))
+    elif isinstance(o, StorageView):
       self.tensor(o)
     else:
       raise TypeError(f'cannot write a {type(o).__name__} into a .pth file (only dicts, lists, '
-                      'tuples, numbers, strings and numpy arrays).')
+                      'tuples, numbers, strings, numpy arrays and StorageViews).')
 
   def int_(self, n: int) -> None:
     if 0 <= n < 256:
@@ -94,24 +110,26 @@ class _Emitter:
       data = n.to_bytes((n.bit_length() + 8) // 8, 'little', signed=True)
       self.write(b'\x8a' + bytes([len(data)]) + data)
 
-  def tensor(self, array: np.ndarray) -> None:
-    array = np.asarray(array, order='C')  # ascontiguousarray would make a 0-d array 1-d
-    if array.dtype not in _STORAGE_NAMES:
-      raise TypeError(f'no torch storage type for dtype {array.dtype}.')
-    key = str(len(self.storages))
-    self.storages.append(array)
-    strides = tuple(s // array.itemsize for s in array.strides)
+  def tensor(self, view: StorageView) -> None:
+    storage = view.storage
+    if storage.dtype not in _STORAGE_NAMES:
+      raise TypeError(f'no torch storage type for dtype {storage.dtype}.')
+    index = next((i for i, s in enumerate(self.storages) if s is storage), None)
+    if index is None:
+      self.storages.append(storage)
+      index = len(self.storages) - 1
+    key = str(index)
     self.global_('torch._utils', '_rebuild_tensor_v2')
     self.write(b'((')  # the arguments' tuple, then the storage record: a tuple read by 'Q'
     self.save('storage')
-    self.global_('torch', _STORAGE_NAMES[array.dtype])
+    self.global_('torch', _STORAGE_NAMES[storage.dtype])
     self.save(key)
     self.save('cpu')
-    self.save(array.size)
+    self.save(storage.size)
     self.write(b'tQ')
-    self.save(0)  # storage offset
-    self.save(tuple(array.shape))
-    self.save(strides)
+    self.save(view.offset)
+    self.save(tuple(view.shape))
+    self.save(tuple(view.strides))
     self.save(False)  # requires_grad
     self.global_('collections', 'OrderedDict')  # backward hooks: none
     self.write(b')R')

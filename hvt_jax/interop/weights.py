@@ -154,7 +154,7 @@ def _convert(name: str, pth: str, sha: str, *, source: str, keep_as: str | None 
   origin, remedy = ((f'the file from {url(name)}', 'check $HVT_JAX_WEIGHTS_URL; nothing was kept')
                     if keep_as else (pth, f'replace or remove {pth}'))
   try:
-    model, params = convert.read(pth)
+    model, params = convert.read(pth, progress=True)
   except UserError as e:
     raise WeightsError(f'{origin} is not {name}\'s published weights ({e}); {remedy}.') from None
   count = model_lib.param_count(params)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hvt_jax import defaults
-from hvt_jax.training import checkpoint, curves, optim, sharding, train_step
+from hvt_jax import console, defaults
+from hvt_jax.training import checkpoint, curves, optim, safety, sharding, train_step
 from hvt_jax.data import datasets, folders, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -150,6 +150,7 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+  safety.check_workdir(workdir)  # before minutes of dataset preparation and compilation
   model = model_lib.HVT(**config.model)  # impossible model settings fail here, in words
   mesh = sharding.make_mesh(config.mesh)
   dataset = datasets.open_dataset(config)
@@ -174,12 +175,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   check_or_write_config(workdir, config)
   # Closing waits for pending async saves; an unclosed manager breaks interpreter exit.
-  with contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
+  with safety.storage_errors(workdir, str(epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR)), \
+       contextlib.closing(checkpoint.manager(workdir, keep=config.keep_checkpoints)) as mngr, \
        contextlib.closing(_writer(workdir)) as writer:
     latest = mngr.latest_step()
     if latest is not None:
       state = _resume(mngr, latest, state, shardings)
-      logging.info('Resumed %s from step %d.', workdir, latest)
+      console.say(f'Resumed {workdir} from step {latest}.')
     elif config.init_from:
       state = _start_from(state, config.init_from, shardings, config.model.image_size)
     if config.eval_only:
@@ -223,26 +225,36 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   config, step = run.config, int(state.step)
   if step == 0:
     writer.write_hparams(_hparams(config))
-  logging.info('Training %s for %d steps (%d per epoch) on %d devices, mesh %s.', run.workdir,
-               run.total_steps, run.steps_per_epoch, jax.device_count(), dict(run.mesh.shape))
+  console.say(f'Training {run.workdir} for {run.total_steps} steps ({run.steps_per_epoch} per '
+              f'epoch) on {jax.device_count()} devices, mesh {dict(run.mesh.shape)}.')
+  if jax.process_index() == 0:
+    writer = metric_writers.MultiWriter([writer, console.Writer(run.total_steps, jax.device_count())])
   train_batches = input_pipeline.train_iterator(config, run.mesh, step=step, dataset=run.dataset)
   eval_batches = input_pipeline.eval_iterator(config, run.mesh, dataset=run.dataset)
   report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   stop = _stop_on_sigterm()
   pending, t0, step0 = [], time.time(), step
+  finite, first_bad = jnp.array(True), jnp.array(0)  # on device, since the start of this run
+
+  def check_finite():  # before anything is logged, evaluated or saved
+    if not bool(finite):
+      raise TrainError(safety.diverged(int(first_bad), step, mngr.latest_step(), run.workdir))
+
   while step < run.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = run.train_step(state, next(train_batches))
     step += 1
+    finite, first_bad = safety.track_finite(finite, first_bad, metrics.pop('finite'), step)
     pending.append(metrics)
     report(step)
     last = step == run.total_steps
     if step % config.log_every_steps == 0 or last:
-      averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      if not np.isfinite(averaged['loss']):
-        raise TrainError(f'the loss became {averaged["loss"]} by step {step}; lower '
-                         '--config.optim.lr or enable --config.optim.grad_clip, and resume.')
+      check_finite()
+      averaged = {k: _finite_mean([m[k] for m in jax.device_get(pending)]) for k in pending[0]}
+      for count in ('skipped_updates', 'skipped_examples'):
+        if count in averaged:
+          averaged[count] *= len(pending)  # a count over the interval, not a rate
       averaged['images_per_sec_per_device'] = (
           (step - step0) * config.batch_size / (time.time() - t0) / jax.device_count())
       averaged['epoch'] = step / run.steps_per_epoch
@@ -250,11 +262,13 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
       pending, t0, step0 = [], time.time(), step
     eval_metrics = None
     if step % run.eval_every == 0 or last:
+      check_finite()
       results = evaluate(run.eval_step, state, eval_batches)
       writer.write_scalars(step, results)
       eval_metrics = {checkpoint.BEST_METRIC: results['eval/top1']}
     preempted = stop.is_set() or mngr.reached_preemption(step)
     if eval_metrics or preempted or last or step % config.checkpoint_every_steps == 0:
+      check_finite()
       checkpoint.save_train(mngr, state, run.meta, eval_metrics)
     if preempted:
       logging.warning('Stopped at step %d (SIGTERM/preemption) after saving; rerun the same '
@@ -263,5 +277,24 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   mngr.wait_until_finished()
   writer.flush()
   if jax.process_index() == 0:
-    logging.info('Curves: %s', curves.plot(run.workdir))
+    console.say(_final_line(run.workdir, curves.plot(run.workdir), mngr.best_step()))
   return state
+
+
+def _final_line(workdir: str, curves_png: str, best_step: int | None) -> str:
+  line = f'Done. Curves: {curves_png}'
+  if best_step is None:
+    return line
+  top1 = [r['eval/top1'] for r in curves.read(workdir)
+          if r.get('step') == best_step and 'eval/top1' in r]
+  score = f' (eval top-1 {top1[-1]:.2f}%)' if top1 else ''
+  where = epath.Path(workdir) / checkpoint.CHECKPOINTS_DIR / str(best_step)
+  return f'{line}; best checkpoint: step {best_step}{score}, {where}'
+
+
+def _finite_mean(values) -> float:
+  """Skipped steps (config.skip_nonfinite) report a non-finite loss; they do not count."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.mean()) if values.size else float('nan')
+

@@ -124,15 +124,37 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   if ema is not None:
     # step_size * new + (1 - step_size) * old: the EMA keeps `ema_decay` of its old value.
     ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  skip = bool(config.get('skip_nonfinite', False))
+  if skip:
+    params, opt_state, ema = choose(finite, (params, opt_state, ema),
+                                    (state.params, state.opt_state, state.ema_params))
   metrics = {
       'loss': loss,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': grad_norm,
+      # The new state is safe to save: the loop checks this before every save.
+      'finite': finite | skip,
       'lr': schedule(state.step),
       # Against the unmixed labels: with mixup on, a rough signal only.
       'train_top1': hits / batch['label'].shape[0],
   }
+  if skip:
+    metrics['skipped_updates'] = 1.0 - finite.astype(jnp.float32)
+  if 'ok' in batch:  # images that could not be decoded (input_pipeline.skip_undecodable)
+    metrics['skipped_examples'] = jnp.sum(1.0 - batch['ok'].astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   return new_state, metrics
+
+
+def choose(ok, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf.
+
+  Not `optax.apply_if_finite`: that keeps only the optimizer safe, puts its counters into the
+  optimizer state (so a checkpoint's layout would depend on the option) and applies the update
+  anyway after a number of failures; here EMA is kept too and nothing is ever applied.
+  """
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
