@@ -177,9 +177,8 @@ def test_bad_folders_get_one_line(tmp_path):
 def test_train_from_folders_and_predict_names_the_classes(tree, tmp_path):
   root = tree[0]
   run_main(tmp_path, '--config.data.name=folder', f'--config.data.data_dir={root}',
-                     '--config.data.eval_split=val', '--config.model.num_classes=3',
-                     '--config.batch_size=8', '--config.max_steps=2', '--config.data.cache=False',
-                     timeout=600)
+           '--config.data.eval_split=val', '--config.model.num_classes=3', '--config.batch_size=8',
+           '--config.max_steps=2', '--config.data.cache=False', timeout=600)
   assert [r['eval/examples'] for r in curves.read(tmp_path) if 'eval/examples' in r] == [12]
   out = run('predict', f'--model={tmp_path}', str(root / 'val' / 'eel' / 'img108.png'),
             timeout=600)
