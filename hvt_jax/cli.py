@@ -9,7 +9,6 @@ from typing import Callable
 
 from absl import app, flags, logging
 
-from hvt_jax import defaults
 from hvt_jax.errors import UserError
 
 
@@ -84,6 +83,7 @@ def override_error_line(e: Exception, argv: list[str]) -> str:
   unknown key (config_flags raises AttributeError or KeyError, with a traceback)."""
   overrides = [a.split('=')[0].removeprefix('--config.') for a in argv if a.startswith('--config.')]
   for key in overrides:
+    from hvt_jax import defaults  # here: importing it loads jax, after quiet_native_logs
     if key in defaults.MOVED_KEYS:
       return f'config key {key} moved: use --config.{defaults.MOVED_KEYS[key]}'
   detail = e

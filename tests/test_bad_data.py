@@ -91,10 +91,10 @@ def test_eval_batch_sizes_are_padded_to_what_the_devices_split(eval_batch, proce
 
 
 def test_a_tfds_dataset_with_unreadable_images_trains_and_counts_them(tmp_path, monkeypatch):
-  import fake_imagenet
+  from tests import fake_imagenet
   import tensorflow_datasets as tfds
   from hvt_jax.training import curves
-  from test_train import run_main
+  from tests.helpers import run_main
   jpeg = fake_imagenet._jpeg
   monkeypatch.setattr(fake_imagenet, '_jpeg',
                       lambda i, rng: b'not a jpeg' if i in (5, 20) else jpeg(i, rng))

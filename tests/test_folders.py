@@ -91,11 +91,15 @@ def test_config_argument_folder_root(tree):
 def test_one_epoch_has_every_decodable_image_once_with_its_label(tree, mesh):
   root, train, _ = tree
   config = make_config(root)
-  # 25 files, one undecodable: the first 24 records of the stream are one epoch's good files.
-  batches = take(input_pipeline.train_iterator(config, mesh), 3)
-  ids = ids_of(batches, config)
+  # 25 files, one undecodable: the first 25 records of the stream are one epoch; the corrupt
+  # file's row is marked not ok (the train step counts it) and every good file appears once.
+  batches = take(input_pipeline.train_iterator(config, mesh), 4)
+  rows = {k: np.concatenate([b[k] for b in batches])[:25] for k in ('image', 'label', 'ok')}
+  assert list(rows['ok']).count(False) == 1
+  good = rows['ok'].astype(bool)
+  ids = fake_imagenet.decode_ids(rows['image'][good], config.eval.mean, config.eval.std)
   assert sorted(ids) == sorted(train)  # JPEG and PNG, each exactly once; the corrupt one left out
-  assert [train[i] for i in ids] == list(np.concatenate([b['label'] for b in batches]))
+  assert [train[i] for i in ids] == list(rows['label'][good])
 
 
 def test_processes_share_disjoint_and_covering(tree, mesh):

@@ -14,7 +14,6 @@ import os
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from hvt_jax.errors import UserError
 
@@ -112,6 +111,7 @@ def use(config: ml_collections.ConfigDict, root_: str) -> ml_collections.ConfigD
 
 def undecodable(paths) -> list[str]:
   """The files among `paths` TensorFlow cannot decode (slow: only to name them after a failure)."""
+  import tensorflow as tf  # here: the config and model paths import this module without TF
   bad = []
   for path in paths:
     try:
