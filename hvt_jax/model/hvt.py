@@ -255,7 +255,7 @@ class HVT(nn.Module):
   attention: str = 'auto'  # 'auto' (cuDNN fused attention where supported, else XLA), 'xla', 'cudnn'
   remat: bool = False  # recompute each block's activations in the backward pass: less memory
   # Run each stage's identical blocks as one lax.scan over their stacked parameters: compiles
-  # several times faster, and on CPU also runs faster (see the README's Speed section).
+  # faster, and on CPU trains faster too (README, Speed). False: every block unrolled.
   # Parameters keep their `blocks_{i}` names either way.
   scan_blocks: bool = True
 
