@@ -25,7 +25,7 @@ def get_config(arg=None):
   if not 0 <= arg.stages <= 4:
     raise UserError(f'stages={arg.stages}: HVT-S has 0 to 4 pooling stages.')
   config = defaults.train_config()
-  config.model = model_lib.variant(f'hvt-s-{arg.stages}', drop_path=0.1, dtype='bfloat16')
+  config.model = model_lib.variant(f'hvt-s-{arg.stages}', drop_path=0.1, dtype='auto')
   defaults.use_dataset(config, arg.data)
   config.num_epochs = arg.epochs
   return defaults.use_recipe(config, arg.recipe)

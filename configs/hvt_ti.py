@@ -23,7 +23,7 @@ def get_config(arg=None):
   if arg.model not in ('hvt-ti-1', 'deit-ti'):
     raise UserError(f'model={arg.model}: choose hvt-ti-1 or deit-ti.')
   config = defaults.train_config()
-  config.model = model_lib.variant(arg.model, drop_path=0.1, dtype='bfloat16')
+  config.model = model_lib.variant(arg.model, drop_path=0.1, dtype='auto')
   defaults.use_dataset(config, arg.data)
   config.num_epochs = arg.epochs
   return defaults.use_recipe(config, arg.recipe)

@@ -43,7 +43,7 @@ def train_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # All HVT fields (model.HVT); image_size and num_classes also drive the input pipeline.
-  c.model = model_lib.variant('hvt-s-1', drop_path=0.1)
+  c.model = model_lib.variant('hvt-s-1', drop_path=0.1, dtype='auto')
 
   c.data = dict(
       name='imagenet2012',  # a TFDS image-classification dataset, 'hvt_digits' (offline demo),

@@ -25,14 +25,14 @@ def get_config(name, arg=None):
 @pytest.mark.parametrize('stages', range(5))
 def test_hvt_s_reaches_every_published_variant(stages):
   config = get_config('hvt_s', f'stages={stages}')
-  expected = model_lib.variant(f'hvt-s-{stages}', drop_path=0.1, dtype='bfloat16')
+  expected = model_lib.variant(f'hvt-s-{stages}', drop_path=0.1, dtype='auto')
   assert dict(config.model) == expected
 
 
 @pytest.mark.parametrize('arg, name', [(None, 'hvt-ti-1'), ('model=deit-ti', 'deit-ti')])
 def test_hvt_ti_variants(arg, name):
   assert dict(get_config('hvt_ti', arg).model) == model_lib.variant(name, drop_path=0.1,
-                                                                    dtype='bfloat16')
+                                                                    dtype='auto')
 
 
 def test_paper_recipe_is_the_default():

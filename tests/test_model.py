@@ -123,3 +123,104 @@ def test_wrong_input_shape_and_unknown_names_say_why():
     model_lib.variant('hvt-xl')
   with pytest.raises(model_lib.ConfigError, match='unknown model setting'):
     model_lib.variant('hvt-s-1', pool_evry=3)
+
+
+def _logits_and_grads(model, params, x, train=False):
+  labels = jnp.arange(x.shape[0]) % model.num_classes
+
+  def loss(p):
+    logits = model.apply({'params': p}, x, train=train, rngs={'dropout': jax.random.key(5)})
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean(), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+def _assert_same(a, b, atol):
+  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, atol=atol, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+# Runs of 2+ plain blocks are what gets scanned: pool_every=3 has runs (1, 2) and (4, 5).
+SCANNED = dict(TINY, depth=6, pool_every=3)
+
+
+@pytest.mark.parametrize('settings', [SCANNED, dict(TINY, pool_every=0, class_token=True)])
+def test_scanned_blocks_match_unrolled_blocks_and_keep_their_names(settings):
+  scanned = model_lib.HVT(**settings)
+  unrolled = scanned.clone(scan_blocks=False)
+  assert scanned.scan_blocks  # the default
+  params = model_lib.init_params(scanned, jax.random.key(0))
+  assert jax.tree.structure(params) == jax.tree.structure(model_lib.abstract_params(unrolled))
+  assert [k for k in params if k.startswith('blocks_')] == [f'blocks_{i}' for i in range(scanned.depth)]
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  logits, grads = _logits_and_grads(scanned, params, x)
+  ref_logits, ref_grads = _logits_and_grads(unrolled, params, x)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  _assert_same(grads, ref_grads, atol=1e-5)
+  # A gradient for every block, not one shared by the scanned ones.
+  assert not np.allclose(grads['blocks_1']['mlp']['fc1']['kernel'], grads['blocks_2']['mlp']['fc1']['kernel'])
+  feats = model_lib.stage_features(scanned, params, x)
+  ref_feats = model_lib.stage_features(unrolled, params, x)
+  assert [f.shape for f in feats] == [f.shape for f in ref_feats]
+  _assert_same(feats, ref_feats, atol=1e-5)
+
+
+def test_scanned_blocks_are_stochastic_in_training():
+  model = model_lib.HVT(**SCANNED, drop_path=0.5, dropout=0.1)
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  apply = jax.jit(lambda p, key: model.apply({'params': p}, x, train=True, rngs={'dropout': key}))
+  np.testing.assert_array_equal(apply(params, jax.random.key(2)), apply(params, jax.random.key(2)))
+  assert not np.allclose(apply(params, jax.random.key(2)), apply(params, jax.random.key(3)))
+  # With every rate at zero, training needs no rng and equals eval.
+  plain = model.clone(drop_path=0.0, dropout=0.0)
+  np.testing.assert_allclose(plain.apply({'params': params}, x, train=True),
+                             plain.apply({'params': params}, x), atol=1e-6)
+
+
+@pytest.mark.parametrize('settings', [
+    dict(remat=True), dict(remat=True, scan_blocks=False), dict(attention='xla'), dict(attention='auto'),
+    dict(attention='auto', attention_dropout=0.0, scan_blocks=False)])
+def test_accelerator_settings_keep_logits_and_gradients(settings):
+  """remat and the attention choice change how the step runs, never what it computes (on CPU
+  'auto' is XLA's attention)."""
+  reference = model_lib.HVT(**SCANNED, attention='xla', scan_blocks=False)
+  model = reference.clone(**settings)
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  logits, grads = _logits_and_grads(model, params, x, train=True)
+  ref_logits, ref_grads = _logits_and_grads(reference, params, x, train=True)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+  _assert_same(grads, ref_grads, atol=1e-5)
+
+
+def test_attention_dropout_still_trains_with_every_attention_setting():
+  model = model_lib.HVT(**SCANNED, attention_dropout=0.3, attention='auto')
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  train = lambda key: model.apply({'params': params}, x, train=True, rngs={'dropout': key})
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  np.testing.assert_array_equal(model.apply({'params': params}, x),
+                                model.apply({'params': params}, x))
+
+
+def test_cudnn_attention_without_a_supported_gpu_says_what_to_use():
+  if jax.default_backend() == 'gpu':
+    pytest.skip('a GPU is present: cudnn may be valid here')
+  model = model_lib.HVT(**TINY, attention='cudnn')
+  with pytest.raises(model_lib.ConfigError, match="attention=cudnn needs an NVIDIA GPU.*use attention='auto' or 'xla'"):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(model_lib.ConfigError, match='attention=.flash.: choose one of auto, xla, cudnn'):
+    model_lib.HVT(**TINY, attention='flash').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_auto_dtype_is_float32_on_cpu():
+  if jax.default_backend() != 'cpu':
+    pytest.skip('auto is bfloat16 on accelerators')
+  auto = model_lib.HVT(**TINY, dtype='auto')
+  params = model_lib.init_params(auto, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  assert {f.dtype for f in model_lib.stage_features(auto, params, x)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_array_equal(auto.apply({'params': params}, x),
+                                auto.clone(dtype='float32').apply({'params': params}, x))

@@ -89,12 +89,45 @@ def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: i
   return counts
 
 
+ATTENTION = ('auto', 'xla', 'cudnn')
+
+
+def attention_implementation(setting: str, dtype) -> str:
+  """'xla' or 'cudnn' for `model.attention`; 'auto' picks cuDNN's fused kernel where it runs.
+
+  cuDNN's fused attention needs an NVIDIA GPU of compute capability 8.0 or newer and 16-bit
+  inputs; everywhere else 'auto' is XLA's einsum-and-softmax.
+  """
+  if setting not in ATTENTION:
+    raise ConfigError(f'attention={setting!r}: choose one of {", ".join(ATTENTION)}.')
+  if setting == 'xla':
+    return setting
+  device = jax.devices()[0]
+  capability = getattr(device, 'compute_capability', None)
+  usable = (device.platform == 'gpu' and capability is not None and float(capability) >= 8.0
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+  if setting == 'cudnn' and not usable:
+    raise ConfigError(f'attention=cudnn needs an NVIDIA GPU (compute capability 8.0+) and '
+                      f'dtype bfloat16 or float16, not {device.device_kind} with {jnp.dtype(dtype).name}; '
+                      "use attention='auto' or 'xla'.")
+  return 'cudnn' if usable else 'xla'
+
+
+def compute_dtype(setting: str) -> jnp.dtype:
+  """`model.dtype`: a dtype name, or 'auto' for bfloat16 on GPU and TPU and float32 on CPU
+  (where bfloat16 arithmetic is emulated and slower)."""
+  if setting == 'auto':
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
+  return jnp.dtype(setting)
+
+
 class Attention(nn.Module):
   num_heads: int
   head_dim: int
   dropout: float
   attention_dropout: float
   dtype: Any
+  implementation: str = 'xla'  # 'xla' or 'cudnn' (attention_implementation's answer)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -110,7 +143,9 @@ class Attention(nn.Module):
       weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+      # Attention dropout needs the weights, so that case stays on the einsums above.
+      out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
+                                         implementation=self.implementation)
     out = dense(width, 'proj')(out.reshape(b, n, width))
     return nn.Dropout(self.dropout)(out, deterministic=not train)
 
@@ -157,13 +192,26 @@ class Block(nn.Module):
   attention_dropout: float
   pool: tuple[int, int] | None  # (kernel, stride), or None for no pooling
   dtype: Any
+  attention: str = 'xla'  # 'xla' or 'cudnn'
+
+  def _drop_path(self, y, train: bool):
+    """Stochastic depth: drop the whole residual branch per example.
+
+    As nn.Dropout with broadcast_dims=(1, 2), but the rate may be traced: scanned blocks
+    receive their own rate as a loop input.
+    """
+    rate = self.drop_path
+    if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+      return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1))
+    return jnp.where(mask, y / jnp.asarray(keep, y.dtype), jnp.zeros_like(y))
 
   @nn.compact
   def __call__(self, x, train: bool):
-    # Stochastic depth: drop the whole residual branch per example.
-    drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(y, deterministic=not train)
+    drop_path = lambda y: self._drop_path(y, train)
     y = Attention(self.num_heads, self.head_dim, self.dropout, self.attention_dropout, self.dtype,
-                  name='attn')(layer_norm('norm1', self.dtype)(x), train)
+                  self.attention, name='attn')(layer_norm('norm1', self.dtype)(x), train)
     x = x + drop_path(y)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dropout, self.dtype,
             name='mlp')(layer_norm('norm2', self.dtype)(x), train)
@@ -205,7 +253,13 @@ class HVT(nn.Module):
   drop_path: float = 0.0
   dropout: float = 0.0
   attention_dropout: float = 0.0
-  dtype: str = 'float32'  # compute dtype; parameters stay float32
+  dtype: str = 'float32'  # compute dtype; parameters stay float32. 'auto': bfloat16 on GPU/TPU, else float32
+  attention: str = 'auto'  # 'auto' (cuDNN fused attention where supported, else XLA), 'xla', 'cudnn'
+  remat: bool = False  # recompute each block's activations in the backward pass: less memory
+  # Run each stage's identical blocks as one lax.scan over their stacked parameters: compiles
+  # faster, and on CPU trains faster too (README, Speed). False: every block unrolled.
+  # Parameters keep their `blocks_{i}` names either way.
+  scan_blocks: bool = True
 
   def __post_init__(self):
     # The one check of a model's settings, wherever they come from (a config, a model dir, a
@@ -220,12 +274,47 @@ class HVT(nn.Module):
   def tokens_per_block(self) -> list[int]:
     return tokens_per_block(**self.config())
 
+  def _block_runs(self) -> list[tuple[int, int]]:
+    """[first, last) ranges of blocks: each pooling block alone, and each run of plain blocks."""
+    runs, first = [], 0
+    for i in range(self.depth):
+      if pools_at(i, self.pool_every):
+        runs += [(first, i), (i, i + 1)] if i > first else [(i, i + 1)]
+        first = i + 1
+    return runs + ([(first, self.depth)] if first < self.depth else [])
+
+  def _scan(self, first: int, last: int, x, train: bool, rates, block_kw):
+    """Blocks first..last-1 (no pooling, same shapes) as one lax.scan.
+
+    The parameters stay `blocks_{i}` in the tree; they are stacked here, inside the traced
+    function, so their gradients flow back to the same names. Besides compiling one block
+    instead of many, the loop makes XLA keep the residual stream's gradient in memory between
+    blocks: unrolled, XLA:CPU re-fuses that growing sum of cotangents into every consumer,
+    work that grows with the square of the depth.
+    """
+    params = self.variables['params']
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[params[f'blocks_{i}'] for i in range(first, last)])
+    n = last - first
+    # A python 0.0 keeps drop path off without asking for an rng; else each block gets its rate.
+    rate = jnp.asarray(rates[first:last], jnp.float32) if self.drop_path else jnp.zeros((n,))
+    random = train and (self.drop_path or self.dropout or self.attention_dropout)
+    keys = jax.random.split(self.make_rng('dropout'), n) if random else jnp.zeros((n,))
+
+    def body(x, inputs):
+      p, r, key = inputs
+      block = Block(drop_path=r if self.drop_path else 0.0, pool=None, **block_kw)
+      return block.apply({'params': p}, x, train, rngs={'dropout': key} if random else {}), None
+
+    if self.remat:
+      body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, x, (stacked, rate, keys))[0]
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ConfigError(f'expected images of shape (batch, {self.image_size}, {self.image_size}, 3) '
                         f'(NHWC), got {tuple(images.shape)}; resize/crop to image_size or set it.')
-    dtype = jnp.dtype(self.dtype)
+    dtype = compute_dtype(self.dtype)
     width = self.num_heads * self.head_dim
     p = self.patch_size
     x = nn.Conv(width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
@@ -239,10 +328,17 @@ class HVT(nn.Module):
     x = nn.Dropout(self.dropout)(x + pos.astype(dtype), deterministic=not train)
 
     rates = np.linspace(0.0, self.drop_path, self.depth)
-    for i in range(self.depth):
-      pool = (self.pool_kernel, self.pool_stride) if pools_at(i, self.pool_every) else None
-      x = Block(self.num_heads, self.head_dim, self.mlp_ratio, float(rates[i]), self.dropout,
-                self.attention_dropout, pool, dtype, name=f'blocks_{i}')(x, train)
+    block_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                    dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=dtype,
+                    attention=attention_implementation(self.attention, dtype))
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    for first, last in self._block_runs():
+      if last > first + 1 and self.scan_blocks and not self.is_initializing():
+        x = self._scan(first, last, x, train, rates, block_kw)
+        continue
+      for i in range(first, last):
+        pool = (self.pool_kernel, self.pool_stride) if pools_at(i, self.pool_every) else None
+        x = block_cls(drop_path=float(rates[i]), pool=pool, **block_kw, name=f'blocks_{i}')(x, train)
     self.sow('intermediates', 'final_tokens', x)
 
     x = layer_norm('norm', dtype)(x)
