@@ -102,8 +102,9 @@ def _seconds_per_call(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: 
   return (time.perf_counter() - start) / steps
 
 
-def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis()
+def _cost(program) -> dict:
+  """XLA's cost analysis of a lowered or compiled program."""
+  cost = program.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost or {}
 
@@ -139,7 +140,11 @@ class JaxSide:
     start = time.perf_counter()
     self.train = p_train.lower(self.state, abstract).compile()
     self.compile_s = time.perf_counter() - start
-    self.train_flops = _cost(self.train).get('flops')
+    # XLA's cost analysis counts a loop's body once, so scanned blocks would be undercounted:
+    # count the same step with every block unrolled (lowered only, never compiled or run).
+    self.unrolled = model.clone(scan_blocks=False)
+    p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, shardings, mesh)
+    self.train_flops = _cost(p_unrolled.lower(self.state, abstract)).get('flops')
     self.peak_bytes = _peak_bytes(self.train)
     self.memory = self.train.memory_analysis()
     if allocate:
@@ -156,7 +161,9 @@ class JaxSide:
     model = self.model
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
     self.forward = forward.lower(self.state.params, self.batch_arrays['image']).compile()
-    self.forward_flops = _cost(self.forward).get('flops')
+    unrolled = jax.jit(lambda p, x: self.unrolled.apply({'params': p}, x))
+    self.forward_flops = _cost(unrolled.lower(self.state.params, self.batch_arrays['image'])).get(
+        'flops')
 
   def run_forward(self):
     return self.forward(self.state.params, self.batch_arrays['image'])

@@ -165,6 +165,22 @@ def test_a_workdir_of_the_old_layout_still_resumes(tmp_path):
   config.mix.label_smoothing = 0.2
   with pytest.raises(loop.TrainError, match='different mix;'):
     loop.check_or_write_config(str(tmp_path), config)
+
+
+def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path):
+  from hvt_jax.training import loop
+  config = get_config('demo')
+  saved = json.loads(config.to_json_best_effort())
+  for field in model_lib.RUN_SETTINGS:  # a workdir from before these fields existed
+    del saved['model'][field]
+  (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(saved))
+  config.model.remat, config.model.scan_blocks = True, False
+  loop.check_or_write_config(str(tmp_path), config)  # same model, run another way: no error
+  config.model.depth += 1
+  with pytest.raises(loop.TrainError, match='different model;'):
+    loop.check_or_write_config(str(tmp_path), config)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
   model = model_lib.create('hvt-ti-1')

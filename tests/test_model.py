@@ -142,10 +142,10 @@ def _assert_same(a, b, atol):
 
 
 # Runs of 2+ plain blocks are what gets scanned: pool_every=3 has runs (1, 2) and (4, 5).
-SCANNED = dict(TINY, depth=6, pool_every=3)
+SCANNED = dict(TINY_MODEL, depth=6, pool_every=3)
 
 
-@pytest.mark.parametrize('settings', [SCANNED, dict(TINY, pool_every=0, class_token=True)])
+@pytest.mark.parametrize('settings', [SCANNED, dict(TINY_MODEL, pool_every=0, class_token=True)])
 def test_scanned_blocks_match_unrolled_blocks_and_keep_their_names(settings):
   scanned = model_lib.HVT(**settings)
   unrolled = scanned.clone(scan_blocks=False)
@@ -208,17 +208,17 @@ def test_attention_dropout_still_trains_with_every_attention_setting():
 def test_cudnn_attention_without_a_supported_gpu_says_what_to_use():
   if jax.default_backend() == 'gpu':
     pytest.skip('a GPU is present: cudnn may be valid here')
-  model = model_lib.HVT(**TINY, attention='cudnn')
+  model = model_lib.HVT(**TINY_MODEL, attention='cudnn')
   with pytest.raises(model_lib.ConfigError, match="attention=cudnn needs an NVIDIA GPU.*use attention='auto' or 'xla'"):
     model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(model_lib.ConfigError, match='attention=.flash.: choose one of auto, xla, cudnn'):
-    model_lib.HVT(**TINY, attention='flash').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    model_lib.HVT(**TINY_MODEL, attention='flash').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def test_auto_dtype_is_float32_on_cpu():
   if jax.default_backend() != 'cpu':
     pytest.skip('auto is bfloat16 on accelerators')
-  auto = model_lib.HVT(**TINY, dtype='auto')
+  auto = model_lib.HVT(**TINY_MODEL, dtype='auto')
   params = model_lib.init_params(auto, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   assert {f.dtype for f in model_lib.stage_features(auto, params, x)} == {jnp.dtype(jnp.float32)}

@@ -3,10 +3,11 @@
 `from hvt_jax import model` gives the network's public names, so user code does not depend on
 which file inside this folder defines them.
 """
-from hvt_jax.model.hvt import (HVT, VARIANTS, ConfigError, abstract_params, create, init_params,
-                               max_pool_tokens, model_fields, param_count, pools_at,
-                               stage_features, tokens_per_block, variant)
+from hvt_jax.model.hvt import (HVT, RUN_SETTINGS, VARIANTS, ConfigError, abstract_params, create,
+                               field_defaults, init_params, max_pool_tokens, model_fields,
+                               param_count, pools_at, stage_features, tokens_per_block, variant)
 
-__all__ = ['HVT', 'VARIANTS', 'ConfigError', 'abstract_params', 'create', 'init_params',
+__all__ = ['HVT', 'RUN_SETTINGS', 'VARIANTS', 'ConfigError', 'abstract_params', 'create',
+           'field_defaults', 'init_params',
            'max_pool_tokens', 'model_fields', 'param_count', 'pools_at', 'stage_features',
            'tokens_per_block', 'variant']

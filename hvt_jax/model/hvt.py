@@ -49,8 +49,16 @@ def variant(name: str, **overrides) -> dict[str, Any]:
   unknown = set(overrides) - {f.name for f in dataclasses.fields(HVT)} - {'parent', 'name'}
   if unknown:
     raise ConfigError(f'unknown model setting(s) {sorted(unknown)}; valid: {model_fields()}.')
-  defaults = {f.name: f.default for f in dataclasses.fields(HVT) if f.name in model_fields()}
-  return {**defaults, **VARIANTS[key], **overrides}
+  return {**field_defaults(), **VARIANTS[key], **overrides}
+
+
+def field_defaults() -> dict[str, Any]:
+  """Every `HVT` field at its default."""
+  return {f.name: f.default for f in dataclasses.fields(HVT) if f.name in model_fields()}
+
+
+# Fields that choose how the model runs, not what it computes: a resumed run may change them.
+RUN_SETTINGS = ('attention', 'remat', 'scan_blocks')
 
 
 def model_fields() -> list[str]:

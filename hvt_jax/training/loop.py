@@ -43,6 +43,11 @@ class TrainError(UserError):
 def _lookup(config: dict, dotted: str):
   for part in dotted.split('.'):
     config = config[part]
+  if dotted == 'model':
+    # A model field added since the run started takes its default; how the model runs
+    # (attention kernel, remat, scan) may change between runs.
+    config = {k: v for k, v in {**model_lib.field_defaults(), **config}.items()
+              if k not in model_lib.RUN_SETTINGS}
   return config
 
 
