@@ -87,3 +87,14 @@ def write(manual_dir: str, *, per_class: int = 12, num_val: int = 29, seed: int 
       expected['validation'][next_id] = index[labels[k]]
       next_id += 1
   return expected
+
+
+def take(iterator, n):
+  """The next `n` batches of an input iterator, as numpy."""
+  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
+
+
+def ids_of(batches, config):
+  """The example ids (`color`) read back from the pixels of every row of `batches`."""
+  return np.concatenate([decode_ids(b['image'], config.eval.mean, config.eval.std)
+                         for b in batches])

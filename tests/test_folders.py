@@ -12,6 +12,7 @@ from hvt_jax import defaults
 from hvt_jax.data import datasets, folders, input_pipeline
 from hvt_jax.training import curves, sharding
 from tests import fake_imagenet
+from tests.fake_imagenet import ids_of, take
 from tests.helpers import run, run_main
 
 SIZE = 16
@@ -57,15 +58,6 @@ def make_config(root, **aug):
   c.aug.update(**{'randaugment': '', 'random_erase': 0.0, 'repeated_aug': 1, **aug})
   c.batch_size = c.eval_batch_size = 8
   return c
-
-
-def take(iterator, n):
-  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
-
-
-def ids_of(batches, config):
-  return np.concatenate([fake_imagenet.decode_ids(b['image'], config.eval.mean, config.eval.std)
-                         for b in batches])
 
 
 def test_listing_classes_and_counts(tree):

@@ -17,6 +17,7 @@ from hvt_jax import defaults
 from hvt_jax.data import datasets, input_pipeline
 from hvt_jax.training import sharding
 from tests import fake_imagenet
+from tests.fake_imagenet import ids_of, take
 
 SIZE = 16
 
@@ -49,15 +50,6 @@ def make_config(data_dir, **aug):
   c.batch_size = 8
   c.eval_batch_size = 8
   return c
-
-
-def take(iterator, n):
-  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
-
-
-def ids_of(batches, config):
-  return np.concatenate([fake_imagenet.decode_ids(b['image'], config.eval.mean, config.eval.std)
-                         for b in batches])
 
 
 def test_prepared_sizes(imagenet):

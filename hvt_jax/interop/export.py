@@ -23,9 +23,7 @@ model.json records (`preprocess`). An existing `OUT` is never touched.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 from absl import flags
 from absl import logging
@@ -106,20 +104,6 @@ def _description(model: model_lib.HVT, fmt: str, **meta) -> dict:
           'outputs': {'logits': {'shape': [None, model.num_classes], 'dtype': 'float32'}}}
 
 
-def _write_dir(output: str, fill) -> str:
-  """Runs `fill(tmp)` on a fresh directory that becomes `output` only once complete."""
-  tmp = f'{output}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    fill(tmp)
-    if os.path.isdir(output):
-      os.rmdir(output)  # empty, checked before
-    os.replace(tmp, output)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return output
-
-
 def stablehlo(model: model_lib.HVT, params) -> jax.export.Exported:
   """The forward pass with the weights as constants, for any batch size."""
   batch, = jax.export.symbolic_shape('batch')
@@ -134,10 +118,10 @@ def write_stablehlo(output: str, model: model_lib.HVT, params, **meta) -> str:
     os.makedirs(tmp)
     with open(os.path.join(tmp, 'model.stablehlo'), 'wb') as f:
       f.write(exported.serialize())
-    _write_json(os.path.join(tmp, 'model.json'),
+    checkpoint.write_json(os.path.join(tmp, 'model.json'),
                 _description(model, 'stablehlo', **meta, platforms=list(exported.platforms)))
 
-  return _write_dir(output, fill)
+  return checkpoint.write_dir(output, fill)
 
 
 def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
@@ -167,10 +151,10 @@ def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
     finally:
       logging.set_verbosity(verbosity)
     os.makedirs(os.path.join(tmp, 'assets.extra'), exist_ok=True)
-    _write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
+    checkpoint.write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
                 _description(model, 'savedmodel', **meta, platforms=list(PLATFORMS)))
 
-  return _write_dir(output, fill)
+  return checkpoint.write_dir(output, fill)
 
 
 def write_pytorch(output: str, model: model_lib.HVT, params, **meta) -> str:
@@ -190,10 +174,6 @@ def write_pytorch(output: str, model: model_lib.HVT, params, **meta) -> str:
   return output
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
 
 
 def main(argv):

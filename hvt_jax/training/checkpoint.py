@@ -40,7 +40,7 @@ class CheckpointError(UserError):
   """A checkpoint is missing, corrupt or incompatible; the message says what to do."""
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write('\n')
@@ -59,21 +59,31 @@ def save_model(directory: str, model: model_lib.HVT, params, **meta) -> str:
   if jax.tree.structure(params) != jax.tree.structure(
       model_lib.abstract_params(model)):
     raise CheckpointError('the parameters do not match the model config; nothing was written.')
-  tmp = f'{directory}.tmp-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+
+  def fill(tmp):
+    os.makedirs(tmp)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-      _write_json(os.path.join(tmp, MODEL_FILE), {**meta, 'model': model.config()})
-    if os.path.isdir(directory):
-      os.rmdir(directory)  # empty, checked above
-    os.replace(tmp, directory)
+      write_json(os.path.join(tmp, MODEL_FILE), {**meta, 'model': model.config()})
+
+  return write_dir(directory, fill)
+
+
+def write_dir(output: str, fill) -> str:
+  """Runs `fill(tmp)` on a fresh path that becomes `output` (absent or an empty directory)
+  only once complete, so an interrupted write never leaves something that looks valid."""
+  tmp = f'{output}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    fill(tmp)
+    if os.path.isdir(output):
+      os.rmdir(output)  # empty, checked by the caller
+    os.replace(tmp, output)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return directory
+  return output
 
 
 def _absolute(path: str) -> str:
