@@ -384,7 +384,7 @@ def print_tables(rows: list[dict], peak: float | None):
   if warm:
     print('PyTorch warm-up (2 steps; includes torch.compile): ' + '; '.join(warm))
   print('compile s: the JAX train step (lower + compile). GFLOP/img: XLA cost analysis of the '
-        'compiled step / batch. peak GiB: XLA memory analysis of the train step, arguments + '
+        'step with every block unrolled / batch. peak GiB: XLA memory analysis of the train step, arguments + '
         'outputs + temporaries - donated (aliased) buffers. MFU: train FLOPs x img/s / '
         + (f'{peak:.0f} TFLOP/s peak' if peak else 'peak (unknown chip: pass --peak_tflops)') + '.')
 
