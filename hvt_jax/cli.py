@@ -133,6 +133,10 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except UserError as e:
+      # The failure is reported; the same failure in Orbax's other background writes would
+      # otherwise reach asyncio's logger as "Task exception was never retrieved" at exit.
+      py_logging.getLogger('asyncio').addFilter(
+          lambda record: 'exception was never retrieved' not in record.getMessage())
       sys.exit(f'{tool}: error: {e}')
     except flags.Error as e:  # config_flags loads a config file when it is first read
       sys.exit(f'{tool}: error: {flag_error_line(e)}')
