@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import threading
 import types
 

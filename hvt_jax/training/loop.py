@@ -26,7 +26,7 @@ import numpy as np
 
 from hvt_jax import console, defaults
 from hvt_jax.training import checkpoint, curves, optim, safety, sharding, train_step
-from hvt_jax.data import datasets, folders, input_pipeline
+from hvt_jax.data import datasets, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
