@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU box (at most ~8 minutes on one H100): JAX against the PyTorch baseline for
+# One command for a GPU box (at most 8 minutes on one H100): JAX against the PyTorch baseline for
 # HVT-S-1 and HVT-S-0 in bfloat16, at batch 256 and at the largest batch that fits, then one table.
 #
 #   bash benchmarks/gpu_check.sh                # on the GPU machine, from anywhere
@@ -9,13 +9,30 @@
 # training config needs ml_collections (pure Python); if it is missing, the wheel carried in
 # benchmarks/wheels/ is unpacked to a temporary directory on PYTHONPATH (nothing is installed).
 # HVT_GPU_CHECK_SECONDS (default 450) bounds the whole run; what finished is always printed.
+# With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows and a profiler trace of 3 HVT-S-1 train steps
+# are kept there.
+#
+# Phases, in order of importance, each skipped when the time left is too short:
+#   1. cuDNN attention: checked against float32 at even token counts (where 'auto' uses it) and,
+#      padded by one masked token, at odd ones (attention=cudnn); if it fails, the rest runs with
+#      attention=xla and says so.
+#   2. batch 256, both models in one process, JAX and PyTorch (eager and torch.compile) interleaved.
+#   3. JAX-only variants of HVT-S-1 at batch 256: cuDNN in every block (attention=cudnn), XLA
+#      attention everywhere, scanned blocks: what the GPU defaults buy and what could be next.
+#   4. the largest batch, one process per model (PyTorch first, then JAX, each with the whole
+#      device); the memory slope comes from phase 2's compiled step, so only one compile is added.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+KEEP=${HVT_GPU_CHECK_OUT:-}
+trap '[[ -n "$KEEP" ]] && cp "$WORK"/rows.jsonl "$KEEP"/ 2>/dev/null; rm -rf "$WORK"' EXIT
+if [[ -n "$KEEP" ]]; then
+  mkdir -p "$KEEP"
+  exec > >(tee "$KEEP/gpu_check.log") 2>&1
+fi
 
 if ! "$PY" -c 'import ml_collections' 2>/dev/null; then
   "$PY" -m zipfile -e benchmarks/wheels/ml_collections-*.whl "$WORK/site"
@@ -25,31 +42,77 @@ fi
 
 if [[ -n "${HVT_SMOKE:-}" ]]; then
   END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-1200}))  # a slow shared CPU compiles slowly
-  COMMON=(--dtype=bfloat16 --steps=1 --repeats=1 --model_kw=depth=2,image_size=32,patch_size=16)
-  BATCH=4; MAX=(--probe_batch=4 --memory_gb=0.1)
+  TINY=depth=2,image_size=32,patch_size=16
+  COMMON=(--dtype=bfloat16 --steps=1 --repeats=1)
+  BATCH=4; MAX=(--memory_gb=0.2)
 else
   END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-450}))
+  TINY=
   COMMON=(--dtype=bfloat16 --steps=10 --repeats=3)
-  BATCH=256; MAX=(--probe_batch=256)
+  BATCH=256; MAX=()
 fi
 ROWS="$WORK/rows.jsonl"
 touch "$ROWS"
-run() {  # run ARGS...: one model_speed.py process within what is left of the budget
-  local left=$((END - SECONDS))
-  if (( left < 45 )); then echo "skipped (time budget spent): $*"; return 0; fi
-  timeout "$left" "$PY" benchmarks/model_speed.py --torch "${COMMON[@]}" --time_budget="$left" \
+run() {  # run NEED ARGS...: one model_speed.py process if NEED seconds of the budget are left
+  local need=$1 left=$((END - SECONDS)); shift
+  if (( left < need )); then echo "skipped ($left s of the time budget left): $*"; return 0; fi
+  timeout "$left" "$PY" benchmarks/model_speed.py "${COMMON[@]}" --time_budget="$left" \
     --json="$ROWS" "$@" || echo "model_speed.py $* stopped (exit $?); rows so far are kept"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 "$PY" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__)'
 
-# Batch 256: both models in one process, JAX and PyTorch interleaved.
-run --models=hvt-s-1,hvt-s-0 --batch="$BATCH"
-# Largest batch: one process per model, so neither framework keeps memory from the other;
+# 1. cuDNN's fused attention, forward and gradient, against float32 at HVT's token counts:
+# even ones as 'auto' runs them, odd ones padded by one masked token as attention=cudnn runs them.
+read -r ATTENTION PADDED < <("$PY" - <<'EOF' || echo xla no
+import jax, jax.numpy as jnp, sys
+from hvt_jax.model import hvt
+if hvt.attention_implementation('auto', jnp.bfloat16, 196) != 'cudnn':
+  print('xla no'); sys.exit()
+ok = {}
+for n in (196, 48, 97, 23):  # the token counts of HVT stages at 224 px
+  q, k, v = jax.random.normal(jax.random.key(n), (3, 8, n, 6, 64), jnp.bfloat16)
+  def loss(q, k, v, impl):
+    out = hvt.attend(q, k, v, 0.125, impl)
+    return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(64)))
+  grad = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)
+  ref = grad(*(t.astype(jnp.float32) for t in (q, k, v)), 'xla')
+  kernel = 'cudnn' if n % 2 == 0 else 'cudnn-padded'
+  try:
+    err = {impl: max(float(jnp.linalg.norm(a.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+                     for a, r in zip(grad(q, k, v, impl), ref)) for impl in (kernel, 'xla')}
+  except Exception as e:  # refused by JAX or cuDNN: say so, and keep that kernel out
+    print(f'{n} tokens, {kernel}: {type(e).__name__}: {str(e).splitlines()[0][:150]}', file=sys.stderr)
+    ok[n % 2] = False
+    continue
+  print(f'{n} tokens, bf16 attention gradients against float32: {kernel} {err[kernel]:.1e}, '
+        f'XLA {err["xla"]:.1e}', file=sys.stderr)
+  ok[n % 2] = ok.get(n % 2, True) and err[kernel] < max(2 * err['xla'], 1e-2)
+print('auto' if ok[0] else 'xla', 'yes' if ok[0] and ok[1] else 'no')
+EOF
+)
+echo "attention for the model: $ATTENTION; cuDNN padded to even token counts usable: $PADDED"
+KW=${TINY}${TINY:+,}attention=$ATTENTION
+
+# 2. Batch 256: both models in one process, JAX and PyTorch interleaved.
+TRACE=()
+[[ -n "$KEEP" ]] && TRACE=(--trace="$WORK/trace")
+run 45 --torch --models=hvt-s-1,hvt-s-0 --batch="$BATCH" --model_kw="$KW" "${TRACE[@]}"
+if [[ -n "$KEEP" && -d "$WORK/trace" ]]; then
+  find "$WORK/trace" -name 'perfetto_trace.json.gz' -exec cp {} "$KEEP/" \; -quit
+fi
+# 3. What the GPU defaults buy, and what could become one: JAX only, one process.
+VARIANTS=()
+[[ $PADDED == yes ]] && VARIANTS+=(--model_kw="${TINY}${TINY:+,}attention=cudnn")
+[[ $ATTENTION == auto ]] && VARIANTS+=(--model_kw="${TINY}${TINY:+,}attention=xla")
+VARIANTS+=(--model_kw="$KW,scan_blocks=true")
+run 60 --models=hvt-s-1 --batch="$BATCH" "${VARIANTS[@]}"
+# 4. Largest batch: one process per model, so neither framework keeps memory from the other;
 # PyTorch runs first and frees the device, then JAX.
 for model in hvt-s-1 hvt-s-0; do
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run --models="$model" --batch=max "${MAX[@]}"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run 60 --torch --models="$model" --batch=max \
+    --probe_from="$ROWS" --model_kw="$KW" "${MAX[@]}"
 done
 
 echo

@@ -6,6 +6,7 @@
   python benchmarks/model_speed.py --torch --batch=16 --steps=3   # + the PyTorch baseline
   python benchmarks/model_speed.py --torch --batch=256,max       # GPU: also the largest batch
   python benchmarks/model_speed.py --model_kw=attention=cudnn,remat=true   # any HVT field
+  python benchmarks/model_speed.py --model_kw= --model_kw=scan_blocks=true  # variants, one run
 
 The train step is the real one (`train_step.train_step`: mixup/cutmix on device,
 AdamW, EMA) at 224x224. The printed ratio S-0 time / S-1 time is what pooling buys;
@@ -47,7 +48,8 @@ flags.DEFINE_list('models', ['hvt-s-1', 'hvt-s-0'], 'models to time; the ratio c
 flags.DEFINE_list('batch', ['64'], 'global batch size(s); "max": the largest that fits the device')
 flags.DEFINE_integer('steps', 10, 'timed steps per measurement (after 2 warm-up steps)')
 flags.DEFINE_string('dtype', None, 'compute dtype; default bfloat16 on accelerators, float32 on CPU')
-flags.DEFINE_string('model_kw', '', 'extra HVT fields for every model, e.g. attention=cudnn,remat=true')
+flags.DEFINE_multi_string('model_kw', [], 'extra HVT fields for every model, e.g. '
+                          'attention=cudnn,remat=true; repeat the flag to time several variants')
 flags.DEFINE_bool('torch', False, 'also time the PyTorch baseline (needs torch)')
 flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'yes', 'no'],
                   'PyTorch: auto = eager and torch.compile on GPU (the faster is reported), '
@@ -60,6 +62,10 @@ flags.DEFINE_float('memory_gb', None, '--batch=max: device memory to fit in; def
 flags.DEFINE_float('time_budget', 0, 'seconds; when little is left, skip torch.compile (0: no limit)')
 flags.DEFINE_string('json', None, 'append one JSON line per (model, batch) here')
 flags.DEFINE_string('table_from', None, 'print the tables of the JSON lines in this file; measure nothing')
+flags.DEFINE_string('probe_from', None, '--batch=max: take the memory slope from a row of this JSON '
+                    'file (same model, dtype and --model_kw) instead of compiling a probe')
+flags.DEFINE_string('trace', None, 'write a jax.profiler trace (Perfetto JSON too) of 3 train steps '
+                    'of the first measurement here')
 
 # Dense bf16 peak TFLOP/s per chip (vendor data sheets), matched against device_kind in order.
 PEAK_BF16_TFLOPS = [
@@ -68,6 +74,7 @@ PEAK_BF16_TFLOPS = [
     ('TPU v5p', 459.0), ('TPU v5', 459.0), ('TPU v6 lite', 918.0), ('TPU v6e', 918.0),
 ]
 _START = time.perf_counter()
+_COUNTS_FLOPS = jax.default_backend() != 'gpu'
 
 
 def peak_tflops(device) -> float | None:
@@ -142,11 +149,18 @@ class JaxSide:
     self.compile_s = time.perf_counter() - start
     # XLA's cost analysis counts a loop's body once, so scanned blocks would be undercounted:
     # count the same step with every block unrolled (lowered only, never compiled or run).
+    # XLA:GPU gives no count for a lowered program (jax 0.11), so there it is not asked for.
     self.unrolled = model.clone(scan_blocks=False)
-    p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, shardings, mesh)
-    self.train_flops = _cost(p_unrolled.lower(self.state, abstract)).get('flops')
+    self.train_flops = self.forward_flops = None
+    if _COUNTS_FLOPS:
+      p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, shardings, mesh)
+      self.train_flops = _cost(p_unrolled.lower(self.state, abstract)).get('flops')
     self.peak_bytes = _peak_bytes(self.train)
     self.memory = self.train.memory_analysis()
+    # The state (parameters, EMA, Adam moments) does not grow with the batch; counting everything
+    # else as per-example overestimates the slope a little, which errs towards fitting.
+    self.state_bytes = (None if self.memory is None else self.memory.argument_size_in_bytes
+                        - batch * (model.image_size ** 2 * 3 * 4 + 4))
     if allocate:
       self.allocate()
 
@@ -161,9 +175,10 @@ class JaxSide:
     model = self.model
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
     self.forward = forward.lower(self.state.params, self.batch_arrays['image']).compile()
-    unrolled = jax.jit(lambda p, x: self.unrolled.apply({'params': p}, x))
-    self.forward_flops = _cost(unrolled.lower(self.state.params, self.batch_arrays['image'])).get(
-        'flops')
+    if _COUNTS_FLOPS:
+      unrolled = jax.jit(lambda p, x: self.unrolled.apply({'params': p}, x))
+      self.forward_flops = _cost(unrolled.lower(self.state.params, self.batch_arrays['image'])).get(
+          'flops')
 
   def run_forward(self):
     return self.forward(self.state.params, self.batch_arrays['image'])
@@ -250,23 +265,22 @@ def _torch_kinds() -> list[bool]:
 def largest_batch(name: str, dtype: str, model_kw: dict, limit_bytes: float) -> JaxSide:
   """The train step compiled at the largest batch (a multiple of 32) that XLA says fits.
 
-  Peak memory is near-linear in the batch: one probe compile gives the slope, a second compile
-  checks the estimate (and shrinks it while it does not fit).
+  Peak memory is near-linear in the batch: one probe (a compile, or a row of `--probe_from`)
+  gives the slope, a second compile checks the estimate (and shrinks it while it does not fit).
   """
-  probe = JaxSide(name, FLAGS.probe_batch, dtype, model_kw, allocate=False)
-  if probe.peak_bytes is None:
-    return probe
-  size = probe.model.image_size
-  # The state (parameters, EMA, Adam moments) is fixed; counting everything else per example
-  # overestimates the slope a little, which errs towards fitting.
-  state = probe.memory.argument_size_in_bytes - FLAGS.probe_batch * (size * size * 3 * 4 + 4)
-  per_example = (probe.peak_bytes - state) / FLAGS.probe_batch
-  fixed = state
-  batch = _round_batch((0.95 * limit_bytes - fixed) / max(per_example, 1))
-  print(f'  {name}: {probe.peak_bytes / 2**30:.2f} GiB at batch {FLAGS.probe_batch} -> trying '
+  probe, row = None, _probe_row(name, dtype, model_kw)
+  if row is None:
+    probe = JaxSide(name, FLAGS.probe_batch, dtype, model_kw, allocate=False)
+    if probe.peak_bytes is None:
+      return probe
+    row = {'batch': probe.batch, 'peak_bytes': probe.peak_bytes, 'state_bytes': probe.state_bytes}
+  per_example = (row['peak_bytes'] - row['state_bytes']) / row['batch']
+  batch = _round_batch((0.9 * limit_bytes - row['state_bytes']) / max(per_example, 1))
+  print(f'  {name}: {row["peak_bytes"] / 2**30:.2f} GiB at batch {row["batch"]} -> trying '
         f'{batch} for {limit_bytes / 2**30:.2f} GiB')
   for _ in range(4):
-    side = probe if batch == probe.batch else JaxSide(name, batch, dtype, model_kw, allocate=False)
+    side = (probe if probe and batch == probe.batch else
+            JaxSide(name, batch, dtype, model_kw, allocate=False))
     if side.peak_bytes is None or side.peak_bytes <= limit_bytes:
       return side
     smaller = _round_batch(batch * limit_bytes / side.peak_bytes * 0.97)
@@ -274,8 +288,19 @@ def largest_batch(name: str, dtype: str, model_kw: dict, limit_bytes: float) -> 
       break
     batch = smaller
     print(f'  {name}: does not fit ({side.peak_bytes / 2**30:.2f} GiB); trying {batch}')
-  raise app.UsageError(f'{name} does not fit in {limit_bytes / 2**30:.2f} GiB even at batch '
+  raise SystemExit(f'model_speed: {name} does not fit in {limit_bytes / 2**30:.2f} GiB even at batch '
                        f'{batch}; pass a larger --memory_gb or a smaller model.')
+
+
+def _probe_row(name: str, dtype: str, model_kw: dict) -> dict | None:
+  """The --probe_from row measured with the same model, dtype and fields, if any."""
+  if not FLAGS.probe_from or not os.path.exists(FLAGS.probe_from):
+    return None
+  with open(FLAGS.probe_from) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return next((r for r in rows if r['model'] == name and r['dtype'] == dtype
+               and r.get('model_kw', {}) == model_kw and r.get('peak_bytes')
+               and r.get('state_bytes') is not None), None)
 
 
 def _round_batch(estimate: float) -> int:
@@ -284,74 +309,134 @@ def _round_batch(estimate: float) -> int:
   return b // 32 * 32 if b >= 64 else max(1, b)
 
 
-def measure(name: str, batch_arg: str, dtype: str, model_kw: dict) -> dict:
-  device = jax.devices()[0]
-  if batch_arg == 'max':
-    limit = (FLAGS.memory_gb * 2**30 if FLAGS.memory_gb else
-             (device.memory_stats() or {}).get('bytes_limit'))
-    if not limit:
-      raise app.UsageError('--batch=max needs the device memory: this device does not report '
-                           'it; pass --memory_gb.')
-    jax_side = largest_batch(name, dtype, model_kw, limit)
-  else:
-    jax_side = JaxSide(name, int(batch_arg), dtype, model_kw, allocate=False)
-  batch = jax_side.batch
-  row = {'model': name, 'batch': batch, 'dtype': dtype, 'gmacs': summary.macs(jax_side.model) / 1e9,
-         'compile_s': jax_side.compile_s, 'train_flops': jax_side.train_flops,
-         'peak_bytes': jax_side.peak_bytes, 'device': device.device_kind}
+def _torch_sides(fields: dict, batch: int, dtype: str) -> list:
+  """The PyTorch variants that could be built at this batch (one that fails is reported)."""
+  sides = []
+  for compiled in _torch_kinds():
+    try:
+      sides.append(TorchSide(fields, batch, dtype, compiled))
+    except Exception as e:  # e.g. out of memory at the largest JAX batch: say so, go on
+      print(f'  torch {"compiled" if compiled else "eager"} at batch {batch}: '
+            f'{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""}')
+      _free_torch_memory()
+  return sides
 
-  torch_sides = []
-  sequential = batch_arg == 'max'
-  if FLAGS.torch:
-    for compiled in _torch_kinds():
-      try:
-        side = TorchSide(jax_side.fields, batch, dtype, compiled)
-      except Exception as e:  # e.g. out of memory at the largest JAX batch: say so, go on
-        print(f'  torch {"compiled" if compiled else "eager"} at batch {batch}: '
-              f'{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ""}')
-        gc.collect()
-        if jax.devices()[0].platform == 'gpu':
-          import torch
-          torch.cuda.empty_cache()
-        continue
-      if sequential:  # time it now and free the device for the next one
-        t = _rounds([side], FLAGS.steps, FLAGS.repeats)[0]
-        torch_sides.append((side.kind, t, side.warmup_s))
-        side.free()
-      else:
-        torch_sides.append(side)
-  jax_side.allocate()
-  if sequential or not FLAGS.torch:
-    timed = _rounds([jax_side], FLAGS.steps, FLAGS.repeats)
-  else:
-    timed = _rounds([jax_side] + torch_sides, FLAGS.steps, FLAGS.repeats)
-    torch_sides = [(s.kind, timed[i + 1], s.warmup_s) for i, s in enumerate(torch_sides)]
-  jt = timed[0]
-  row.update(forward_ips=batch / jt['forward'], train_ips=batch / jt['train'],
-             forward_flops=jax_side.forward_flops)
-  for what in ('forward', 'train'):
-    if torch_sides:
-      kind, t, _ = min(torch_sides, key=lambda s: s[1][what])
-      row[f'torch_{what}_ips'], row[f'torch_{what}_kind'] = batch / t[what], kind
-  row['torch_warmup_s'] = {kind: w for kind, _, w in torch_sides}
-  peak = peak_tflops(device)
-  if peak and row['train_flops']:
-    row['mfu'] = row['train_flops'] * row['train_ips'] / batch / (peak * 1e12)
-  del jax_side
+
+def _free_torch_memory():
   gc.collect()
-  return row
+  if jax.devices()[0].platform == 'gpu':
+    import torch
+    torch.cuda.empty_cache()
 
 
-def _fmt(x, spec):
-  return 'n/a' if x is None else format(x, spec)
+def measure(name: str, batch_arg: str, dtype: str, variants: list[dict]) -> list[dict]:
+  """One row per `--model_kw` variant of one model at one batch.
+
+  PyTorch is built once and timed interleaved with every variant. At batch=max (one variant)
+  PyTorch runs alone first and frees the device, then JAX; if JAX still runs out of memory, the
+  batch shrinks and both are measured again.
+  """
+  if batch_arg != 'max':
+    return _measure(name, int(batch_arg), dtype, variants)
+  device = jax.devices()[0]
+  limit = (FLAGS.memory_gb * 2**30 if FLAGS.memory_gb else
+           (device.memory_stats() or {}).get('bytes_limit'))
+  if not limit:
+    raise app.UsageError('--batch=max needs the device memory: this device does not report '
+                         'it; pass --memory_gb.')
+  for _ in range(3):
+    try:
+      return _measure(name, largest_batch(name, dtype, variants[0], limit), dtype, variants[:1])
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      # XLA's peak is what the program needs, not what the allocator can hand out after
+      # fragmentation (an H100 run failed on a 65.7 GiB block with 71 GiB allowed).
+      limit *= 0.85
+      print(f'  {name}: out of memory when run; trying again within {limit / 2**30:.1f} GiB')
+      _free_torch_memory()
+  raise SystemExit(f'model_speed: {name} kept running out of memory; pass a smaller --memory_gb.')
+
+
+def _measure(name: str, batch: int | JaxSide, dtype: str, variants: list[dict]) -> list[dict]:
+  device = jax.devices()[0]
+  sequential = isinstance(batch, JaxSide)  # batch=max: the side is compiled already
+  sides = [batch] if sequential else []
+  batch = batch.batch if sequential else batch
+  torch_live, torch_done = [], []
+  rows = []
+  for v, model_kw in enumerate(variants):
+    jax_side = sides[0] if sequential else JaxSide(name, batch, dtype, model_kw, allocate=False)
+    if FLAGS.torch and v == 0:
+      torch_live = _torch_sides(jax_side.fields, batch, dtype)
+      if sequential:  # time each now and free the device for the next one
+        for side in torch_live:
+          torch_done.append((side.kind, _rounds([side], FLAGS.steps, FLAGS.repeats)[0], side.warmup_s))
+          side.free()
+        torch_live = []
+    jax_side.allocate()
+    timed = _rounds([jax_side] + torch_live, FLAGS.steps, FLAGS.repeats)
+    torch_timed = torch_done + [(s.kind, timed[i + 1], s.warmup_s) for i, s in enumerate(torch_live)]
+    jt = timed[0]
+    if FLAGS.trace and not os.path.exists(FLAGS.trace):  # the first measurement only
+      with jax.profiler.trace(FLAGS.trace, create_perfetto_trace=True):
+        for _ in range(3):
+          jax_side.sync(jax_side.run_train())
+      print(f'  trace of 3 {name} train steps at batch {batch}: {FLAGS.trace}')
+    gmacs = summary.macs(jax_side.model) / 1e9
+    row = {'model': name, 'batch': batch, 'dtype': dtype, 'gmacs': gmacs, 'model_kw': model_kw,
+           'compile_s': jax_side.compile_s, 'train_flops': jax_side.train_flops,
+           'forward_flops': jax_side.forward_flops, 'peak_bytes': jax_side.peak_bytes,
+           'state_bytes': jax_side.state_bytes, 'device': device.device_kind,
+           'forward_ips': batch / jt['forward'], 'train_ips': batch / jt['train']}
+    for what in ('forward', 'train'):
+      for kind, t, _ in torch_timed:
+        row[f'torch_{kind}_{what}_ips'] = batch / t[what]
+      if torch_timed:
+        kind, t, _ = min(torch_timed, key=lambda s: s[1][what])
+        row[f'torch_{what}_ips'], row[f'torch_{what}_kind'] = batch / t[what], kind
+    row['torch_warmup_s'] = {kind: w for kind, _, w in torch_timed}
+    rows.append(row)
+    if FLAGS.json:
+      with open(FLAGS.json, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    del jax_side
+    sides.clear()
+    gc.collect()
+  for side in torch_live:
+    side.free()
+  return rows
+
+
+def mfu(row: dict, peak: float | None) -> float | None:
+  """Model FLOPs utilisation: 6 x the paper's MACs per image (forward 2, backward 4) x train
+  img/s over the chip's peak. XLA's own count also includes LayerNorm, softmax, GELU and the
+  optimizer, and is not available on every backend."""
+  return peak and 6 * row['gmacs'] * 1e9 * row['train_ips'] / (peak * 1e12)
+
+
+def _labeller(rows: list[dict]):
+  """row -> the model's name, plus the --model_kw fields whose values differ between rows."""
+  kws = [row.get('model_kw') or {} for row in rows]
+  varying = [k for k in dict.fromkeys(k for kw in kws for k in kw)
+             if len({repr(kw.get(k)) for kw in kws}) > 1]
+  return lambda row: row['model'] + ''.join(
+      f' {k}={row["model_kw"][k]}' for k in varying if k in (row.get('model_kw') or {}))
+
+
+def _fmt(x, spec, unit=''):
+  return 'n/a' if x is None else format(x, spec) + unit
 
 
 def print_tables(rows: list[dict], peak: float | None):
+  label = _labeller(rows)
   print(f'{"model":<10} {"GMACs":>6} {"forward img/s":>14} {"train img/s":>12}')
   for r in rows:
-    print(f'{r["model"]:<10} {r["gmacs"]:>6.2f} {r["forward_ips"]:>14.1f} {r["train_ips"]:>12.1f}')
-  if len(rows) >= 2 and rows[0]['batch'] == rows[1]['batch']:
-    a, b = rows[0], rows[1]
+    print(f'{label(r):<10} {r["gmacs"]:>6.2f} {r["forward_ips"]:>14.1f} {r["train_ips"]:>12.1f}')
+  a = rows[0] if rows else None
+  b = next((r for r in rows if a and r['model'] != a['model'] and r['batch'] == a['batch']
+            and r.get('model_kw') == a.get('model_kw')), None)
+  if b:
     print(f'{a["model"]} vs {b["model"]}: forward {a["forward_ips"] / b["forward_ips"]:.2f}x, '
           f'train {a["train_ips"] / b["train_ips"]:.2f}x faster; GMACs ratio '
           f'{b["gmacs"] / a["gmacs"]:.2f}x')
@@ -364,28 +449,26 @@ def print_tables(rows: list[dict], peak: float | None):
       tt, tf_ = r.get('torch_train_ips'), r.get('torch_forward_ips')
       kinds = {r.get('torch_train_kind'), r.get('torch_forward_kind')} - {None}
       tag = f' ({"/".join(sorted(kinds))})' if kinds and kinds != {'eager'} else ''
-      print(f'| {r["model"]} | {r["batch"]} | {r["train_ips"]:.1f} | {_fmt(tt, ".1f")}{tag} | '
-            f'{_fmt(tt and r["train_ips"] / tt, ".2f")}x | {r["forward_ips"]:.1f} | '
-            f'{_fmt(tf_, ".1f")} | {_fmt(tf_ and r["forward_ips"] / tf_, ".2f")}x |')
+      print(f'| {label(r)} | {r["batch"]} | {r["train_ips"]:.1f} | {_fmt(tt, ".1f")}{tag} | '
+            f'{_fmt(tt and r["train_ips"] / tt, ".2f", "x")} | {r["forward_ips"]:.1f} | '
+            f'{_fmt(tf_, ".1f")} | {_fmt(tf_ and r["forward_ips"] / tf_, ".2f", "x")} |')
   print()
   print(f'{"model":<10} {"batch":>5} {"compile s":>9} {"train GFLOP/img":>15} '
         f'{"fwd GFLOP/img":>13} {"peak GiB":>8} {"MFU":>6}')
   for r in rows:
     per = lambda f: f and f / r['batch'] / 1e9
-    mfu = r.get('mfu')
-    if mfu is None and peak and r['train_flops']:
-      mfu = r['train_flops'] * r['train_ips'] / r['batch'] / (peak * 1e12)
-    print(f'{r["model"]:<10} {r["batch"]:>5} {r["compile_s"]:>9.1f} '
+    used = mfu(r, peak)
+    print(f'{label(r):<10} {r["batch"]:>5} {r["compile_s"]:>9.1f} '
           f'{_fmt(per(r["train_flops"]), ".2f"):>15} {_fmt(per(r.get("forward_flops")), ".2f"):>13} '
           f'{_fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".2f"):>8} '
-          f'{"n/a" if mfu is None else f"{100 * mfu:.1f}%":>6}')
+          f'{"n/a" if used is None else f"{100 * used:.1f}%":>6}')
   warm = [f'{r["model"]}@{r["batch"]} ' + ', '.join(f'{k} {v:.0f} s' for k, v in r['torch_warmup_s'].items())
           for r in rows if r.get('torch_warmup_s')]
   if warm:
     print('PyTorch warm-up (2 steps; includes torch.compile): ' + '; '.join(warm))
   print('compile s: the JAX train step (lower + compile). GFLOP/img: XLA cost analysis of the '
         'step with every block unrolled / batch. peak GiB: XLA memory analysis of the train step, arguments + '
-        'outputs + temporaries - donated (aliased) buffers. MFU: train FLOPs x img/s / '
+        'outputs + temporaries - donated (aliased) buffers. MFU: 6 x GMACs x train img/s / '
         + (f'{peak:.0f} TFLOP/s peak' if peak else 'peak (unknown chip: pass --peak_tflops)') + '.')
 
 
@@ -401,13 +484,16 @@ def main(argv):
     print_tables(rows, peak_tflops(device) if same_chip else FLAGS.peak_tflops)
     return
   dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
-  model_kw = parse_model_kw(FLAGS.model_kw)
+  variants = [parse_model_kw(text) for text in FLAGS.model_kw or ['']]
+  if 'max' in FLAGS.batch and len(variants) > 1:
+    raise app.UsageError('--batch=max takes one --model_kw')
   cache = 'on' if jax.config.jax_compilation_cache_dir else 'off'
   print(f'jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}), '
         f'host {platform.processor() or platform.machine()} with {os.cpu_count()} cores; '
         f'batch {",".join(FLAGS.batch)}, {dtype}, {FLAGS.steps} timed steps'
         + (f' x {FLAGS.repeats} rounds' if FLAGS.torch else '')
-        + (f'; model {FLAGS.model_kw}' if model_kw else '') + f'; persistent compile cache {cache}')
+        + ''.join(f'; model {text}' for text in FLAGS.model_kw if text)
+        + f'; persistent compile cache {cache}')
   if FLAGS.torch:
     import torch
     print(f'torch {torch.__version__} ({torch.get_num_threads()} threads on CPU)'
@@ -416,12 +502,9 @@ def main(argv):
   for batch in FLAGS.batch:
     for name in FLAGS.models:
       try:
-        rows.append(measure(name, batch, dtype, model_kw))
+        rows += measure(name, batch, dtype, variants)
       except model_lib.ConfigError as e:  # e.g. a --model_kw field this version lacks
         raise app.UsageError(str(e)) from None
-      if FLAGS.json:
-        with open(FLAGS.json, 'a') as f:
-          f.write(json.dumps(rows[-1]) + '\n')
   print_tables(rows, peak_tflops(device))
 
 

@@ -1,4 +1,6 @@
 """The speed benchmark's pieces: what a bare GPU box can import, and the PyTorch baseline's parity."""
+import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -156,5 +158,56 @@ def test_model_speed_table_has_ratios_memory_and_mfu(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert '| hvt-s-1 | 8 | 10.0 | 8.0 (compiled/eager) | 1.25x | 40.0 | 50.0 | 0.80x |' in out.stdout
   line = next(l for l in out.stdout.splitlines() if l.startswith('hvt-s-1') and '15.00' in l)
-  # fwd GFLOP/img, peak GiB, MFU: 15 GFLOP x 10 img/s of a 1 TFLOP/s peak
-  assert line.split()[-3:] == ['5.00', '3.00', '15.0%']
+  # fwd GFLOP/img, peak GiB, MFU: 6 x 2.4 GMACs x 10 img/s of a 1 TFLOP/s peak
+  assert line.split()[-3:] == ['5.00', '3.00', '14.4%']
+
+
+def test_model_speed_table_names_the_fields_its_variants_differ_in(tmp_path):
+  base = dict(model='hvt-s-1', batch=8, dtype='bfloat16', gmacs=2.4, compile_s=3.0,
+              train_flops=None, peak_bytes=None, device='cpu', forward_ips=40.0, train_ips=10.0,
+              torch_train_ips=8.0, torch_forward_ips=50.0, torch_train_kind='compiled',
+              torch_forward_kind='compiled')
+  rows = [dict(base, model_kw={'attention': 'auto'}),
+          dict(base, model_kw={'attention': 'auto', 'scan_blocks': True}, train_ips=5.0)]
+  path = tmp_path / 'rows.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  out = _model_speed(f'--table_from={path}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '| hvt-s-1 | 8 | 10.0 | 8.0 (compiled) | 1.25x |' in out.stdout
+  assert '| hvt-s-1 scan_blocks=True | 8 | 5.0 | 8.0 (compiled) | 0.62x |' in out.stdout
+
+
+def test_trace_breakdown_groups_a_devices_kernels_per_step(tmp_path):
+  """A Perfetto trace as jax.profiler writes it: metadata names the device and host rows."""
+  kernel = lambda name, dur, pid=1: dict(ph='X', pid=pid, tid=7, ts=0, dur=dur, name=name)
+  events = [dict(ph='M', pid=1, name='process_name', args={'name': '/device:GPU:0'}),
+            dict(ph='M', pid=2, name='process_name', args={'name': '/host:CPU'}),
+            kernel('nvjet_sm90_tst_192x128_NNT', 3000), kernel('gemm_fusion_dot_4', 1000),
+            kernel('input_transpose_fusion_78', 1500), kernel('memcpy128', 500),
+            kernel('cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma', 400),
+            kernel('loop_convert_multiply_fusion', 600),
+            kernel('PjitFunction(train_step)', 999999, pid=2)]  # host: not counted
+  trace = tmp_path / 'perfetto_trace.json.gz'
+  with gzip.open(trace, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(trace),
+                        '--steps=2'], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[0] == '3.50 ms of kernels per step, 3 kernels per step'
+  kinds = {l[:50].strip(): l.split()[-3] for l in lines[1:]}
+  assert kinds['GEMMs (cuBLAS, Triton, CUTLASS)'] == '2.00'
+  assert kinds['transposes'] == '0.75' and kinds['copies (memcpy, memset)'] == '0.25'
+  assert kinds['cuDNN attention'] == '0.20' and kinds['other elementwise fusions'] == '0.30'
+
+
+def test_block_speed_times_every_part_on_both_sides():
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'block_speed.py'), '--batch=2',
+                        '--tokens=8', '--repeats=1'], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+  assert set(rows) == {'attention', 'mlp', 'layernorm', 'x', 'dy', 'x.T'}, out.stdout
+  torch_present = importlib.util.find_spec('torch') is not None
+  assert all(('torch' in row) == torch_present for row in rows.values()), out.stdout

@@ -174,7 +174,7 @@ def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path):
   for field in model_lib.RUN_SETTINGS:  # a workdir from before these fields existed
     del saved['model'][field]
   (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(saved))
-  config.model.remat, config.model.scan_blocks = True, False
+  config.model.remat, config.model.scan_blocks = True, 'false'
   loop.check_or_write_config(str(tmp_path), config)  # same model, run another way: no error
   config.model.depth += 1
   with pytest.raises(loop.TrainError, match='different model;'):

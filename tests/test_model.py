@@ -149,7 +149,7 @@ SCANNED = dict(TINY_MODEL, depth=6, pool_every=3)
 def test_scanned_blocks_match_unrolled_blocks_and_keep_their_names(settings):
   scanned = model_lib.HVT(**settings)
   unrolled = scanned.clone(scan_blocks=False)
-  assert scanned.scan_blocks  # the default
+  assert model_lib.hvt.scans_blocks(scanned.scan_blocks)  # the default, on CPU
   params = model_lib.init_params(scanned, jax.random.key(0))
   assert jax.tree.structure(params) == jax.tree.structure(model_lib.abstract_params(unrolled))
   assert [k for k in params if k.startswith('blocks_')] == [f'blocks_{i}' for i in range(scanned.depth)]
@@ -224,3 +224,58 @@ def test_auto_dtype_is_float32_on_cpu():
   assert {f.dtype for f in model_lib.stage_features(auto, params, x)} == {jnp.dtype(jnp.float32)}
   np.testing.assert_array_equal(auto.apply({'params': params}, x),
                                 auto.clone(dtype='float32').apply({'params': params}, x))
+
+
+class _FakeGPU:
+  platform, device_kind, compute_capability = 'gpu', 'NVIDIA H100 80GB HBM3', '9.0'
+
+
+def test_auto_attention_takes_cudnn_only_for_blocks_it_can_train(monkeypatch):
+  """JAX refuses to train cuDNN attention on odd token counts (an H100 run hit it at HVT-S-1's
+  97 tokens): 'auto' must pick XLA there; an explicit 'cudnn' pads one masked token."""
+  from hvt_jax.model import hvt
+  monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGPU()])
+  assert hvt.attention_implementation('auto', jnp.bfloat16, 196) == 'cudnn'
+  assert hvt.attention_implementation('auto', jnp.bfloat16, 97) == 'xla'
+  assert hvt.attention_implementation('auto', jnp.float32, 196) == 'xla'
+  assert hvt.attention_implementation('cudnn', jnp.bfloat16, 48) == 'cudnn'
+  assert hvt.attention_implementation('cudnn', jnp.bfloat16, 97) == 'cudnn-padded'
+
+
+@pytest.mark.parametrize('tokens', [97, 23])
+def test_padding_one_masked_token_keeps_attention_and_its_gradients(tokens):
+  """What attention='cudnn' does for odd token counts, here with XLA's kernel underneath."""
+  from hvt_jax.model import hvt
+  q, k, v = jax.random.normal(jax.random.key(tokens), (3, 2, tokens, 3, 8))
+  weight = jax.random.normal(jax.random.key(1), (2, tokens, 3, 8))
+  def loss(attention, q, k, v):
+    return jnp.sum(attention(q, k, v) * weight)
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)
+  padded = lambda q, k, v: hvt.padded_attention(q, k, v, 0.3, 'xla')
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
+  grads = jax.grad(loss, (1, 2, 3))
+  for g, ref in zip(grads(padded, q, k, v), grads(plain, q, k, v)):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, ref, atol=1e-5)
+
+
+def test_scan_blocks_settings():
+  from hvt_jax.model import hvt
+  assert hvt.scans_blocks('auto') == (jax.default_backend() == 'cpu')
+  assert [hvt.scans_blocks(v) for v in (True, 'true', 'True', False, 'false', 'FALSE')] == [True] * 3 + [False] * 3
+  with pytest.raises(model_lib.ConfigError, match="scan_blocks='sometimes': choose auto, true or false"):
+    model_lib.HVT(**TINY_MODEL, scan_blocks='sometimes')
+
+
+def test_patch_embedding_is_the_official_strided_convolution():
+  model = model_lib.HVT(**TINY_MODEL)
+  params = model_lib.init_params(model, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  _, state = model.apply({'params': params}, images, capture_intermediates=True)
+  tokens = state['intermediates']['patch_embed']['__call__'][0]
+  p = model.patch_size
+  conv = jax.lax.conv_general_dilated(images, params['patch_embed']['kernel'], (p, p), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  expected = conv.reshape(2, -1, conv.shape[-1]) + params['patch_embed']['bias']
+  assert tokens.shape == expected.shape
+  np.testing.assert_allclose(tokens, expected, atol=1e-5)

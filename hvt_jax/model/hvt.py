@@ -100,11 +100,13 @@ def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: i
 ATTENTION = ('auto', 'xla', 'cudnn')
 
 
-def attention_implementation(setting: str, dtype) -> str:
-  """'xla' or 'cudnn' for `model.attention`; 'auto' picks cuDNN's fused kernel where it runs.
+def attention_implementation(setting: str, dtype, tokens: int) -> str:
+  """How blocks of `tokens` tokens attend: 'xla', 'cudnn' or 'cudnn-padded'.
 
   cuDNN's fused attention needs an NVIDIA GPU of compute capability 8.0 or newer and 16-bit
-  inputs; everywhere else 'auto' is XLA's einsum-and-softmax.
+  inputs. JAX refuses to train it on an odd token count (an H100 run hit this at HVT-S-1's 97
+  tokens after the first pool): there 'auto' runs XLA's attention, and an explicit 'cudnn' pads
+  one masked token ('cudnn-padded', see `attend`). Everywhere else 'auto' is XLA's attention.
   """
   if setting not in ATTENTION:
     raise ConfigError(f'attention={setting!r}: choose one of {", ".join(ATTENTION)}.')
@@ -118,7 +120,47 @@ def attention_implementation(setting: str, dtype) -> str:
     raise ConfigError(f'attention=cudnn needs an NVIDIA GPU (compute capability 8.0+) and '
                       f'dtype bfloat16 or float16, not {device.device_kind} with {jnp.dtype(dtype).name}; '
                       "use attention='auto' or 'xla'.")
-  return 'cudnn' if usable else 'xla'
+  if not usable:
+    return 'xla'
+  if tokens % 2 == 0:
+    return 'cudnn'
+  return 'cudnn-padded' if setting == 'cudnn' else 'xla'
+
+
+def attend(q, k, v, scale: float, implementation: str):
+  """cuDNN's fused attention of (B, N, heads, head_dim) queries, keys and values; no dropout.
+
+  'cudnn-padded' (an odd N) appends one zero token, masks it out as a key with
+  `key_value_seq_lengths` and drops its output row: the values are those of attention over the
+  N real tokens. (Its query row is not masked: a row with every key masked would be NaN, and
+  NaN times the zero cotangent of a dropped row is still NaN in the backward pass.)
+  """
+  if implementation == 'cudnn-padded':
+    return padded_attention(q, k, v, scale, 'cudnn')
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
+def padded_attention(q, k, v, scale: float, implementation: str):
+  """`attend`'s one-masked-token padding, with any `jax.nn.dot_product_attention` kernel."""
+  n = q.shape[1]
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :n]
+
+
+def scans_blocks(setting: bool | str) -> bool:
+  """`model.scan_blocks`: True, False, or 'auto', which scans on CPU only.
+
+  On CPU the scan trains faster and compiles faster (README, Speed); on a GPU unrolled blocks
+  train faster, because the loop copies its carried and stacked buffers every iteration. Config
+  files and the command line give strings ('auto', 'true', 'false'); `HVT(...)` also takes bools.
+  """
+  value = str(setting).lower()
+  if value not in ('auto', 'true', 'false'):
+    raise ConfigError(f'scan_blocks={setting!r}: choose auto, true or false.')
+  return jax.default_backend() == 'cpu' if value == 'auto' else value == 'true'
 
 
 def compute_dtype(setting: str) -> jnp.dtype:
@@ -135,26 +177,30 @@ class Attention(nn.Module):
   dropout: float
   attention_dropout: float
   dtype: Any
-  implementation: str = 'xla'  # 'xla' or 'cudnn' (attention_implementation's answer)
+  implementation: str = 'xla'  # attention_implementation's answer
 
   @nn.compact
   def __call__(self, x, train: bool):
-    b, n, _ = x.shape
+    b, n, d = x.shape
     width = self.num_heads * self.head_dim
     dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal, name=name)
     # One projection for q, k, v: features ordered [q, k, v], heads contiguous (as upstream).
-    qkv = dense(3 * width, 'qkv')(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.attention_dropout and train:
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * self.head_dim ** -0.5
+    # Projections take (B * N, D) matrices: see Mlp.
+    qkv = dense(3 * width, 'qkv')(x.reshape(b * n, d)).reshape(b, n, 3, self.num_heads, self.head_dim)
+    if self.implementation == 'xla' or (self.attention_dropout and train):
+      # XLA's attention (attention dropout needs the weights, so it always runs here), in
+      # (B, heads, N, head_dim) order: one transpose in, one out, and batched matrix products;
+      # on CPU a tenth faster than einsums over (B, N, heads, head_dim) or jax.nn's XLA path.
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      logits = (q @ k.swapaxes(-1, -2)) * self.head_dim ** -0.5
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-      weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
-      out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+      if self.attention_dropout and train:
+        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
+      out = (weights @ v).transpose(0, 2, 1, 3)
     else:
-      # Attention dropout needs the weights, so that case stays on the einsums above.
-      out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim ** -0.5,
-                                         implementation=self.implementation)
-    out = dense(width, 'proj')(out.reshape(b, n, width))
+      out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.head_dim ** -0.5,
+                   self.implementation)
+    out = dense(width, 'proj')(out.reshape(b * n, width)).reshape(b, n, width)
     return nn.Dropout(self.dropout)(out, deterministic=not train)
 
 
@@ -165,12 +211,40 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    width = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(x)
+    # Tokens flattened to one (B * N, width) matrix: the weight gradient then contracts one
+    # axis, not two, which XLA:CPU runs as a plain GEMM; an MLP's forward and backward took
+    # 0.67x the time of the same layers on (B, N, width) (README, Speed).
+    b, n, width = x.shape
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(
+        x.reshape(b * n, width))
     x = nn.gelu(x, approximate=False)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = nn.Dense(width, dtype=self.dtype, kernel_init=_trunc_normal, name='fc2')(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return nn.Dropout(self.dropout)(x.reshape(b, n, width), deterministic=not train)
+
+
+class PatchEmbed(nn.Module):
+  """The stem: non-overlapping p x p patches -> width features, in row-major patch order.
+
+  The official stride-p convolution, computed as one matrix product over flattened patches.
+  The parameters keep the convolution's layout (HWIO kernel), so weights load unchanged, and
+  the values are the same; the product is faster in both directions: XLA:GPU ran this
+  convolution at 38 TFLOP/s with an Ampere kernel on an H100, and on CPU the product's
+  gradient is a fifth quicker (README, Speed).
+  """
+  width: int
+  patch: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch
+    kernel = self.param('kernel', _torch_conv_init, (p, p, images.shape[-1], self.width), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.width,), jnp.float32)
+    b, h, w, c = images.shape
+    patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+    return patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(self.dtype)
 
 
 def max_pool_tokens(x, kernel: int, stride: int):
@@ -200,7 +274,7 @@ class Block(nn.Module):
   attention_dropout: float
   pool: tuple[int, int] | None  # (kernel, stride), or None for no pooling
   dtype: Any
-  attention: str = 'xla'  # 'xla' or 'cudnn'
+  attention: str = 'xla'  # attention_implementation's answer
 
   def _drop_path(self, y, train: bool):
     """Stochastic depth: drop the whole residual branch per example.
@@ -262,17 +336,20 @@ class HVT(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   dtype: str = 'float32'  # compute dtype; parameters stay float32. 'auto': bfloat16 on GPU/TPU, else float32
-  attention: str = 'auto'  # 'auto' (cuDNN fused attention where supported, else XLA), 'xla', 'cudnn'
+  # 'auto': cuDNN fused attention where it is supported and trains (even token counts), else XLA;
+  # 'xla'; 'cudnn': cuDNN in every block, odd token counts padded by one masked token.
+  attention: str = 'auto'
   remat: bool = False  # recompute each block's activations in the backward pass: less memory
-  # Run each stage's identical blocks as one lax.scan over their stacked parameters: compiles
-  # faster, and on CPU trains faster too (README, Speed). False: every block unrolled.
-  # Parameters keep their `blocks_{i}` names either way.
-  scan_blocks: bool = True
+  # True: run each stage's identical blocks as one lax.scan over their stacked parameters
+  # (compiles faster; on CPU trains faster too). False: every block unrolled (trains faster on a
+  # GPU). 'auto': scan on CPU only (README, Speed). Parameters keep their `blocks_{i}` names.
+  scan_blocks: bool | str = 'auto'
 
   def __post_init__(self):
     # The one check of a model's settings, wherever they come from (a config, a model dir, a
     # checkpoint): impossible ones fail here, in words, so every HVT that exists can be built.
     self.tokens_per_block()
+    scans_blocks(self.scan_blocks)
     super().__post_init__()
 
   def config(self) -> dict[str, Any]:
@@ -325,10 +402,8 @@ class HVT(nn.Module):
     dtype = compute_dtype(self.dtype)
     width = self.num_heads * self.head_dim
     p = self.patch_size
-    x = nn.Conv(width, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
-                kernel_init=_torch_conv_init, name='patch_embed')(images.astype(dtype))
+    x = PatchEmbed(width, p, dtype, name='patch_embed')(images)
     b = x.shape[0]
-    x = x.reshape(b, -1, width)  # row-major patch order, as upstream
     if self.class_token:
       cls = self.param('cls_token', _trunc_normal, (1, 1, width), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, width)), x], axis=1)
@@ -336,12 +411,13 @@ class HVT(nn.Module):
     x = nn.Dropout(self.dropout)(x + pos.astype(dtype), deterministic=not train)
 
     rates = np.linspace(0.0, self.drop_path, self.depth)
-    block_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
-                    dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=dtype,
-                    attention=attention_implementation(self.attention, dtype))
+    common = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                  dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=dtype)
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    scan = scans_blocks(self.scan_blocks)
     for first, last in self._block_runs():
-      if last > first + 1 and self.scan_blocks and not self.is_initializing():
+      block_kw = dict(common, attention=attention_implementation(self.attention, dtype, x.shape[1]))
+      if last > first + 1 and scan and not self.is_initializing():
         x = self._scan(first, last, x, train, rates, block_kw)
         continue
       for i in range(first, last):
