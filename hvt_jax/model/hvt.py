@@ -189,8 +189,9 @@ class Attention(nn.Module):
     qkv = dense(3 * width, 'qkv')(x.reshape(b * n, d)).reshape(b, n, 3, self.num_heads, self.head_dim)
     if self.implementation == 'xla' or (self.attention_dropout and train):
       # XLA's attention (attention dropout needs the weights, so it always runs here), in
-      # (B, heads, N, head_dim) order: one transpose in, one out, and batched matrix products;
-      # on CPU a tenth faster than einsums over (B, N, heads, head_dim) or jax.nn's XLA path.
+      # (B, heads, N, head_dim) order: one transpose in, one out, and batched matrix products.
+      # With the 2-D projections the layer's forward and backward went from 154 to 110 ms on
+      # CPU at batch 16 (README, Speed).
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
       logits = (q @ k.swapaxes(-1, -2)) * self.head_dim ** -0.5
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
@@ -212,8 +213,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     # Tokens flattened to one (B * N, width) matrix: the weight gradient then contracts one
-    # axis, not two, which XLA:CPU runs as a plain GEMM; an MLP's forward and backward took
-    # 0.67x the time of the same layers on (B, N, width) (README, Speed).
+    # axis, not two, which XLA:CPU runs as a plain GEMM (an MLP's forward and backward at batch
+    # 16: 152 -> 133 ms; README, Speed).
     b, n, width = x.shape
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(
         x.reshape(b * n, width))
@@ -228,9 +229,8 @@ class PatchEmbed(nn.Module):
 
   The official stride-p convolution, computed as one matrix product over flattened patches.
   The parameters keep the convolution's layout (HWIO kernel), so weights load unchanged, and
-  the values are the same; the product is faster in both directions: XLA:GPU ran this
-  convolution at 38 TFLOP/s with an Ampere kernel on an H100, and on CPU the product's
-  gradient is a fifth quicker (README, Speed).
+  the values are the same. XLA:GPU ran the convolution through cuDNN at about 38 TFLOP/s with an
+  Ampere kernel on an H100; the product runs on cuBLAS (README, Speed). On CPU it is no slower.
   """
   width: int
   patch: int
