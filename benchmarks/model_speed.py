@@ -74,7 +74,11 @@ PEAK_BF16_TFLOPS = [
     ('TPU v5p', 459.0), ('TPU v5', 459.0), ('TPU v6 lite', 918.0), ('TPU v6e', 918.0),
 ]
 _START = time.perf_counter()
-_COUNTS_FLOPS = jax.default_backend() != 'gpu'
+
+
+def _counts_flops() -> bool:
+  """XLA:GPU gives no FLOP count for a lowered program (jax 0.11), so there none is asked for."""
+  return jax.default_backend() != 'gpu'
 
 
 def peak_tflops(device) -> float | None:
@@ -149,10 +153,9 @@ class JaxSide:
     self.compile_s = time.perf_counter() - start
     # XLA's cost analysis counts a loop's body once, so scanned blocks would be undercounted:
     # count the same step with every block unrolled (lowered only, never compiled or run).
-    # XLA:GPU gives no count for a lowered program (jax 0.11), so there it is not asked for.
-    self.unrolled = model.clone(scan_blocks=False)
+    self.unrolled = model.clone(scan_blocks=False) if _counts_flops() else None
     self.train_flops = self.forward_flops = None
-    if _COUNTS_FLOPS:
+    if self.unrolled:
       p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, shardings, mesh)
       self.train_flops = _cost(p_unrolled.lower(self.state, abstract)).get('flops')
     self.peak_bytes = _peak_bytes(self.train)
@@ -175,7 +178,7 @@ class JaxSide:
     model = self.model
     forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
     self.forward = forward.lower(self.state.params, self.batch_arrays['image']).compile()
-    if _COUNTS_FLOPS:
+    if self.unrolled:
       unrolled = jax.jit(lambda p, x: self.unrolled.apply({'params': p}, x))
       self.forward_flops = _cost(unrolled.lower(self.state.params, self.batch_arrays['image'])).get(
           'flops')
@@ -296,11 +299,15 @@ def _probe_row(name: str, dtype: str, model_kw: dict) -> dict | None:
   """The --probe_from row measured with the same model, dtype and fields, if any."""
   if not FLAGS.probe_from or not os.path.exists(FLAGS.probe_from):
     return None
-  with open(FLAGS.probe_from) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return next((r for r in rows if r['model'] == name and r['dtype'] == dtype
+  return next((r for r in _read_rows(FLAGS.probe_from) if r['model'] == name and r['dtype'] == dtype
                and r.get('model_kw', {}) == model_kw and r.get('peak_bytes')
                and r.get('state_bytes') is not None), None)
+
+
+def _read_rows(path: str) -> list[dict]:
+  """The rows a --json file holds, one JSON object per line."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _round_batch(estimate: float) -> int:
@@ -337,7 +344,7 @@ def measure(name: str, batch_arg: str, dtype: str, variants: list[dict]) -> list
   batch shrinks and both are measured again.
   """
   if batch_arg != 'max':
-    return _measure(name, int(batch_arg), dtype, variants)
+    return _measure(name, dtype, variants, batch=int(batch_arg))
   device = jax.devices()[0]
   limit = (FLAGS.memory_gb * 2**30 if FLAGS.memory_gb else
            (device.memory_stats() or {}).get('bytes_limit'))
@@ -346,7 +353,7 @@ def measure(name: str, batch_arg: str, dtype: str, variants: list[dict]) -> list
                          'it; pass --memory_gb.')
   for _ in range(3):
     try:
-      return _measure(name, largest_batch(name, dtype, variants[0], limit), dtype, variants[:1])
+      return _measure(name, dtype, variants[:1], compiled=largest_batch(name, dtype, variants[0], limit))
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
@@ -358,15 +365,17 @@ def measure(name: str, batch_arg: str, dtype: str, variants: list[dict]) -> list
   raise SystemExit(f'model_speed: {name} kept running out of memory; pass a smaller --memory_gb.')
 
 
-def _measure(name: str, batch: int | JaxSide, dtype: str, variants: list[dict]) -> list[dict]:
+def _measure(name: str, dtype: str, variants: list[dict], *, batch: int | None = None,
+             compiled: JaxSide | None = None) -> list[dict]:
+  """`measure`'s rows at `batch`, or (batch=max) with `compiled`, the one variant's side."""
   device = jax.devices()[0]
-  sequential = isinstance(batch, JaxSide)  # batch=max: the side is compiled already
-  sides = [batch] if sequential else []
-  batch = batch.batch if sequential else batch
+  sequential = compiled is not None
+  batch = compiled.batch if sequential else batch
   torch_live, torch_done = [], []
   rows = []
   for v, model_kw in enumerate(variants):
-    jax_side = sides[0] if sequential else JaxSide(name, batch, dtype, model_kw, allocate=False)
+    jax_side = compiled or JaxSide(name, batch, dtype, model_kw, allocate=False)
+    compiled = None  # freed with jax_side at the end of this variant
     if FLAGS.torch and v == 0:
       torch_live = _torch_sides(jax_side.fields, batch, dtype)
       if sequential:  # time each now and free the device for the next one
@@ -401,7 +410,6 @@ def _measure(name: str, batch: int | JaxSide, dtype: str, variants: list[dict]) 
       with open(FLAGS.json, 'a') as f:
         f.write(json.dumps(row) + '\n')
     del jax_side
-    sides.clear()
     gc.collect()
   for side in torch_live:
     side.free()
@@ -477,8 +485,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   device = jax.devices()[0]
   if FLAGS.table_from:
-    with open(FLAGS.table_from) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = _read_rows(FLAGS.table_from)
     print(f'{rows[0]["device"] if rows else device.device_kind}, {rows[0]["dtype"] if rows else ""}')
     same_chip = rows and rows[0]['device'] == device.device_kind
     print_tables(rows, peak_tflops(device) if same_chip else FLAGS.peak_tflops)
