@@ -146,6 +146,12 @@ def test_model_speed_rejects_an_unknown_model_field_in_one_line():
   assert 'no_such_field' in out.stderr and 'Traceback' not in out.stderr
 
 
+def test_model_speed_refuses_variants_at_the_largest_batch():
+  out = _model_speed('--models=hvt-s-1', '--batch=max', '--model_kw=', '--model_kw=remat=true')
+  assert out.returncode != 0
+  assert '--batch=max takes one --model_kw' in out.stderr and 'Traceback' not in out.stderr
+
+
 def test_model_speed_table_has_ratios_memory_and_mfu(tmp_path):
   row = dict(model='hvt-s-1', batch=8, dtype='bfloat16', gmacs=2.4, compile_s=3.0,
              train_flops=8 * 15e9, peak_bytes=3 * 2**30, device='cpu', forward_ips=40.0,
