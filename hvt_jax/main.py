@@ -18,7 +18,7 @@ import jax
 from ml_collections import config_flags
 
 from hvt_jax import cli, console
-from hvt_jax.training import loop
+from hvt_jax.training import host_memory, loop
 
 FLAGS = flags.FLAGS
 
@@ -72,5 +72,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.relaunch_with_huge_pages()  # first: the restart discards everything done before it
   define_flags()
   cli.run(main)

@@ -279,3 +279,32 @@ def test_patch_embedding_is_the_official_strided_convolution():
   expected = conv.reshape(2, -1, conv.shape[-1]) + params['patch_embed']['bias']
   assert tokens.shape == expected.shape
   np.testing.assert_allclose(tokens, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype, atol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_gelu_is_the_exact_gelu_with_its_true_gradient(dtype, atol):
+  from hvt_jax.model import hvt
+  x = (jax.random.normal(jax.random.key(0), (4096,)) * 4).astype(dtype)
+  exact = lambda x: jax.nn.gelu(x, approximate=False)
+  np.testing.assert_allclose(hvt.gelu(x).astype(np.float32), exact(x).astype(np.float32), atol=atol)
+  weights = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights).astype(jnp.float32))(x)
+  np.testing.assert_allclose(grad(hvt.gelu).astype(np.float32), grad(exact).astype(np.float32),
+                             atol=atol * 10, rtol=atol)
+  # Not the tanh approximation: the two differ by up to ~5e-4 around |x| = 2.
+  assert not np.allclose(hvt.gelu(x).astype(np.float32),
+                         jax.nn.gelu(x, approximate=True).astype(np.float32), atol=1e-4)
+
+
+def test_scanned_blocks_recompute_dropout_masks_for_their_gradients(monkeypatch):
+  """Scanned blocks keep only some activations for the backward pass (`hvt.SCAN_SAVES`) and
+  recompute the rest, random masks included: the gradients are those of keeping everything."""
+  from hvt_jax.model import hvt
+  model = model_lib.HVT(**SCANNED, drop_path=0.3, dropout=0.2, attention_dropout=0.2)
+  params = model_lib.init_params(model, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  logits, grads = _logits_and_grads(model, params, x, train=True)
+  monkeypatch.setattr(hvt, 'SCAN_SAVES', jax.checkpoint_policies.everything_saveable)
+  ref_logits, ref_grads = _logits_and_grads(model.clone(), params, x, train=True)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
+  _assert_same(grads, ref_grads, atol=1e-6)
