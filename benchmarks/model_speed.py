@@ -46,7 +46,8 @@ from hvt_jax import model as model_lib
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['hvt-s-1', 'hvt-s-0'], 'models to time; the ratio compares the first two')
 flags.DEFINE_list('batch', ['64'], 'global batch size(s); "max": the largest that fits the device')
-flags.DEFINE_integer('steps', 10, 'timed steps per measurement (after 2 warm-up steps)')
+flags.DEFINE_integer('steps', 10, 'timed steps per measurement (after 2 warm-up steps, and one '
+                     'untimed call before each measurement)')
 flags.DEFINE_string('dtype', None, 'compute dtype; default bfloat16 on accelerators, float32 on CPU')
 flags.DEFINE_multi_string('model_kw', [], 'extra HVT fields for every model, e.g. '
                           'attention=cudnn,remat=true; repeat the flag to time several variants')
