@@ -6,6 +6,10 @@ Reads the Perfetto JSON that `jax.profiler.trace(..., create_perfetto_trace=True
 (`model_speed.py --trace=DIR`, kept by `gpu_check.sh` under HVT_GPU_CHECK_OUT). Kernels are
 grouped by their names: convolutions, cuDNN attention, GEMMs, copies, XLA's fusions by
 their root (transpose, dynamic-update-slice, reductions, softmax, the rest).
+
+A CPU trace has no device rows; there the XLA:CPU operations (thunks) on the host threads are
+grouped instead, when traced with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true. XLA:CPU runs
+Eigen's matrix products asynchronously, so part of their time is booked to what runs beside them.
 """
 from __future__ import annotations
 
@@ -27,6 +31,16 @@ KINDS = [
     ('LayerNorm and other reductions', r'reduce'),
     ('other elementwise fusions', r''),
 ]
+CPU_KINDS = [
+    ('GEMMs (YNNPACK fusions, Eigen dots)', r'^(ynn_fusion|xnn_fusion|dot|dot_general)\b'),
+    ('zero-filling loop buffers (broadcast)', r'^wrapped_broadcast'),
+    ('stacking per block (dynamic-slice etc., stack)', r'dynamic-update-slice|dynamic-slice|^stack\b'),
+    ('copies and transposes', r'copy|transpose'),
+    ('other elementwise fusions', r''),
+]
+# An XLA:CPU thunk is named for its HLO instruction, e.g. 'ynn_fusion.11'; the host rows also
+# hold Python frames ('$api.py:...'), the executor ('ThunkExecutor::Execute') and others.
+_HLO_NAME = re.compile(r'[a-z][a-z0-9_-]*(\.\d+)?')
 
 
 def device_kernels(trace: dict) -> list[dict]:
@@ -37,11 +51,16 @@ def device_kernels(trace: dict) -> list[dict]:
   return [e for e in trace['traceEvents'] if e.get('ph') == 'X' and e['pid'] in devices]
 
 
-def breakdown(kernels: list[dict]) -> collections.Counter:
+def cpu_operations(trace: dict) -> list[dict]:
+  """Complete events named like HLO instructions: XLA:CPU's thunks."""
+  return [e for e in trace['traceEvents'] if e.get('ph') == 'X' and _HLO_NAME.fullmatch(e['name'])]
+
+
+def breakdown(kernels: list[dict], kinds=KINDS) -> collections.Counter:
   """Microseconds per kind."""
   out = collections.Counter()
   for e in kernels:
-    out[next(kind for kind, pattern in KINDS if re.search(pattern, e['name']))] += e['dur']
+    out[next(kind for kind, pattern in kinds if re.search(pattern, e['name']))] += e['dur']
   return out
 
 
@@ -52,13 +71,17 @@ def main():
   parser.add_argument('--top', type=int, default=0, help='also list the N costliest kernels')
   args = parser.parse_args()
   with gzip.open(args.trace) if args.trace.endswith('.gz') else open(args.trace) as f:
-    kernels = device_kernels(json.load(f))
+    trace = json.load(f)
+  kernels, kinds, what = device_kernels(trace), KINDS, 'kernels'
   if not kernels:
-    raise SystemExit(f'{args.trace}: no device kernels in this trace (a CPU trace has none).')
-  kinds = breakdown(kernels)
+    kernels, kinds, what = cpu_operations(trace), CPU_KINDS, 'XLA:CPU operations'
+  if not kernels:
+    raise SystemExit(f'{args.trace}: no device kernels and no XLA:CPU operations in this trace; '
+                     'on CPU, trace with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true.')
+  kinds = breakdown(kernels, kinds)
   total = sum(kinds.values())
-  print(f'{total / args.steps / 1e3:.2f} ms of kernels per step, '
-        f'{len(kernels) / args.steps:.0f} kernels per step')
+  print(f'{total / args.steps / 1e3:.2f} ms of {what} per step, '
+        f'{len(kernels) / args.steps:.0f} {what} per step')
   for kind, us in kinds.most_common():
     print(f'  {kind:<48} {us / args.steps / 1e3:7.2f} ms  {100 * us / total:5.1f}%')
   if args.top:

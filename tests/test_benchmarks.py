@@ -183,6 +183,15 @@ def test_model_speed_table_names_the_fields_its_variants_differ_in(tmp_path):
   assert '| hvt-s-1 scan_blocks=True | 8 | 5.0 | 8.0 (compiled) | 0.62x |' in out.stdout
 
 
+def _trace_breakdown(tmp_path, events, *args):
+  """`trace_breakdown.py` on a Perfetto trace of `events`, gzipped as jax.profiler writes it."""
+  trace = tmp_path / 'perfetto_trace.json.gz'
+  with gzip.open(trace, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(trace),
+                         *args], capture_output=True, text=True, timeout=60)
+
+
 def test_trace_breakdown_groups_a_devices_kernels_per_step(tmp_path):
   """A Perfetto trace as jax.profiler writes it: metadata names the device and host rows."""
   kernel = lambda name, dur, pid=1: dict(ph='X', pid=pid, tid=7, ts=0, dur=dur, name=name)
@@ -193,11 +202,7 @@ def test_trace_breakdown_groups_a_devices_kernels_per_step(tmp_path):
             kernel('cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma', 400),
             kernel('loop_convert_multiply_fusion', 600),
             kernel('PjitFunction(train_step)', 999999, pid=2)]  # host: not counted
-  trace = tmp_path / 'perfetto_trace.json.gz'
-  with gzip.open(trace, 'wt') as f:
-    json.dump({'traceEvents': events}, f)
-  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(trace),
-                        '--steps=2'], capture_output=True, text=True, timeout=60)
+  out = _trace_breakdown(tmp_path, events, '--steps=2')
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   assert lines[0] == '3.50 ms of kernels per step, 3 kernels per step'
@@ -217,3 +222,31 @@ def test_block_speed_times_every_part_on_both_sides():
   assert set(rows) == {'attention', 'mlp', 'layernorm', 'x', 'dy', 'x.T'}, out.stdout
   torch_present = importlib.util.find_spec('torch') is not None
   assert all(('torch' in row) == torch_present for row in rows.values()), out.stdout
+
+
+def test_trace_breakdown_groups_xla_cpu_operations_when_there_is_no_device(tmp_path):
+  """On CPU the trace's host rows hold XLA:CPU's operations, named for their HLO instructions,
+  beside Python frames and the executor's own events, which are not counted."""
+  op = lambda name, dur: dict(ph='X', pid=1, tid=3, ts=0, dur=dur, name=name)
+  events = [dict(ph='M', pid=1, name='process_name', args={'name': '/host:CPU'}),
+            op('ynn_fusion.11', 3000), op('dot.24', 1000), op('wrapped_broadcast.16', 800),
+            op('bitcast_dynamic-update-slice_fusion.6', 400), op('dynamic-slice_bitcast_fusion', 200),
+            op('stack.295', 100), op('copy_bitcast_fusion.1', 300), op('negate_exponential_fusion', 200),
+            op('$api.py:2479 block_until_ready', 99999), op('ThunkExecutor::Execute', 99999),
+            op('PjitFunction(train_step)', 99999)]
+  out = _trace_breakdown(tmp_path, events, '--steps=2')
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[0] == '3.00 ms of XLA:CPU operations per step, 4 XLA:CPU operations per step'
+  kinds = {l[:50].strip(): l.split()[-3] for l in lines[1:]}
+  assert kinds == {'GEMMs (YNNPACK fusions, Eigen dots)': '2.00',
+                   'zero-filling loop buffers (broadcast)': '0.40',
+                   'stacking per block (dynamic-slice etc., stack)': '0.35',
+                   'copies and transposes': '0.15', 'other elementwise fusions': '0.10'}
+
+
+def test_trace_breakdown_says_how_to_trace_a_cpu_step(tmp_path):
+  out = _trace_breakdown(tmp_path, [dict(ph='X', pid=1, tid=1, ts=0, dur=5, name='$api.py:1 f')])
+  assert out.returncode == 1 and out.stdout == ''
+  assert out.stderr.strip().endswith('trace with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true.')
+  assert len(out.stderr.strip().splitlines()) == 1
