@@ -259,6 +259,31 @@ def test_padding_one_masked_token_keeps_attention_and_its_gradients(tokens):
     np.testing.assert_allclose(g, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype, atol', [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_softmax_attention_gradient_is_autodiffs(dtype, atol):
+  """XLA's attention with its hand-written gradient against autodiff of the same formula, and
+  in float32 against jax.nn's attention."""
+  from hvt_jax.model import hvt
+  q, k, v = (jax.random.normal(jax.random.key(0), (3, 2, 3, 23, 8)) * 2).astype(dtype)
+  weight = jax.random.normal(jax.random.key(1), (2, 3, 23, 8)).astype(dtype)
+  autodiff = lambda q, k, v: hvt.attention_weights(q, k, 0.3, q.dtype) @ v
+  ours = lambda q, k, v: hvt.softmax_attention(q, k, v, 0.3)
+  f32 = lambda t: np.asarray(t.astype(jnp.float32))
+  np.testing.assert_array_equal(f32(ours(q, k, v)), f32(autodiff(q, k, v)))
+  loss = lambda attention, q, k, v: jnp.sum((attention(q, k, v) * weight).astype(jnp.float32))
+  grads = jax.grad(loss, (1, 2, 3))
+  for g, ref in zip(grads(ours, q, k, v), grads(autodiff, q, k, v)):
+    assert g.dtype == dtype
+    np.testing.assert_allclose(f32(g), f32(ref), atol=atol * 5, rtol=atol)
+  if dtype == jnp.float32:
+    to_heads = lambda t: t.swapaxes(1, 2)  # jax.nn takes (B, N, heads, head_dim)
+    plain = lambda q, k, v: to_heads(jax.nn.dot_product_attention(
+        to_heads(q), to_heads(k), to_heads(v), scale=0.3, implementation='xla'))
+    np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), atol=atol)
+    for g, ref in zip(grads(ours, q, k, v), grads(plain, q, k, v)):
+      np.testing.assert_allclose(g, ref, atol=atol * 5, rtol=atol)
+
+
 def test_scan_blocks_settings():
   from hvt_jax.model import hvt
   assert hvt.scans_blocks('auto') == (jax.default_backend() == 'cpu')
@@ -285,12 +310,29 @@ def test_patch_embedding_is_the_official_strided_convolution():
 def test_gelu_is_the_exact_gelu_with_its_true_gradient(dtype, atol):
   from hvt_jax.model import hvt
   x = (jax.random.normal(jax.random.key(0), (4096,)) * 4).astype(dtype)
+  x = jnp.concatenate([x, jnp.array([-30, -4, 0, 4, 30], dtype)])  # both tails, and the clip at 4
   exact = lambda x: jax.nn.gelu(x, approximate=False)
-  np.testing.assert_array_equal(hvt.gelu(x), exact(x))
+  # Within one float32 step of the value at |x| <= 12 (the erf polynomial's error, ~4e-7 of Phi,
+  # times |x|); in bfloat16 within one bfloat16 step.
+  np.testing.assert_allclose(hvt.gelu(x).astype(np.float32), exact(x).astype(np.float32),
+                             atol=atol * 2, rtol=atol / 4 if dtype == jnp.float32 else 1e-2)
   weights = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights).astype(jnp.float32))(x)
   np.testing.assert_allclose(grad(hvt.gelu).astype(np.float32), grad(exact).astype(np.float32),
                              atol=atol * 10, rtol=atol)
+
+
+def test_gelu_matches_float64_erf():
+  """The erf polynomial behind `hvt.gelu` against SciPy's float64 erf, over its whole range."""
+  from scipy import special
+  from hvt_jax.model import hvt
+  x = np.linspace(-12, 12, 100_001, dtype=np.float32)
+  x64 = x.astype(np.float64)
+  exact = x64 * 0.5 * (1 + special.erf(x64 / np.sqrt(2)))
+  np.testing.assert_allclose(jax.jit(hvt.gelu)(x), exact, atol=1.5e-6, rtol=0)
+  # Near zero, where the value is ~x/2, the error is relative.
+  small = np.abs(x) < 0.5
+  np.testing.assert_allclose(np.asarray(jax.jit(hvt.gelu)(x))[small], exact[small], rtol=1e-6, atol=1e-12)
 
 
 def test_scanned_blocks_recompute_dropout_masks_for_their_gradients(monkeypatch):

@@ -172,6 +172,47 @@ def compute_dtype(setting: str) -> jnp.dtype:
   return jnp.dtype(setting)
 
 
+def attention_weights(q, k, scale: float, dtype):
+  """softmax(q k^T * scale) over the keys of (B, heads, N, head_dim) queries and keys.
+
+  The softmax runs in float32 whatever the compute dtype.
+  """
+  logits = (q @ k.swapaxes(-1, -2)) * scale
+  return checkpoint_name(jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype),
+                         'attention_weights')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def softmax_attention(q, k, v, scale: float):
+  """softmax(q k^T * scale) v for (B, heads, N, head_dim) arrays, with a hand-written gradient.
+
+  The values are those of `attention_weights(q, k, scale) @ v`; the gradient is the textbook
+  one: four batched products and one elementwise pass for the softmax. XLA:CPU compiled
+  autodiff's gradient of the softmax with extra zero-filled (B, heads, N, N) buffers and passes:
+  at batch 16 on the 2-core CPU the attention layer's forward and backward went from ~113 to
+  ~98 ms with this one (README, Speed).
+  """
+  return _softmax_attention_fwd(q, k, v, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, scale):
+  weights = attention_weights(q, k, scale, q.dtype)
+  return weights @ v, (q, k, v, weights)
+
+
+def _softmax_attention_bwd(scale, residuals, g):
+  q, k, v, weights = residuals
+  dv = weights.swapaxes(-1, -2) @ g
+  dw = (g @ v.swapaxes(-1, -2)).astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  # d softmax: w * (dw - sum(dw * w)) over the keys, in float32 as the forward.
+  dlogits = ((w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True))) * scale).astype(q.dtype)
+  return dlogits @ k, dlogits.swapaxes(-1, -2) @ q, dv
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 class Attention(nn.Module):
   num_heads: int
   head_dim: int
@@ -189,18 +230,18 @@ class Attention(nn.Module):
     # Projections take (B * N, D) matrices: see Mlp.
     qkv = checkpoint_name(dense(3 * width, 'qkv')(x.reshape(b * n, d)), 'qkv')
     qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
-    if self.implementation == 'xla' or (self.attention_dropout and train):
-      # XLA's attention (attention dropout needs the weights, so it always runs here), in
-      # (B, heads, N, head_dim) order: one transpose in, one out, and batched matrix products.
-      # With the 2-D projections the layer's forward and backward went from 154 to 110 ms on
-      # CPU at batch 16 (README, Speed).
+    if self.attention_dropout and train:
+      # Attention dropout needs the weights: XLA's attention, differentiated by autodiff.
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-      logits = (q @ k.swapaxes(-1, -2)) * self.head_dim ** -0.5
-      weights = checkpoint_name(jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype),
-                                'attention_weights')
-      if self.attention_dropout and train:
-        weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
+      weights = attention_weights(q, k, self.head_dim ** -0.5, self.dtype)
+      weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
       out = (weights @ v).transpose(0, 2, 1, 3)
+    elif self.implementation == 'xla':
+      # XLA's attention in (B, heads, N, head_dim) order: one transpose in, one out, and batched
+      # matrix products. With the 2-D projections the layer's forward and backward went from 154
+      # to 110 ms on CPU at batch 16 (README, Speed).
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+      out = softmax_attention(q, k, v, self.head_dim ** -0.5).transpose(0, 2, 1, 3)
     else:
       out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.head_dim ** -0.5,
                    self.implementation)
@@ -209,25 +250,48 @@ class Attention(nn.Module):
     return nn.Dropout(self.dropout)(out, deterministic=not train)
 
 
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] and +-1 beyond (the rational form Eigen and XLA:CPU
+# use for float32; within 4e-7 of the true erf). Written out rather than `lax.erf`, which
+# lowers to a StableHLO composite that the SavedModel export's TensorFlow cannot read.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def _normal_cdf(x):
+  """Phi(x) of a float32 array."""
+  z = jnp.clip(x * np.float32(np.sqrt(0.5)), -4.0, 4.0)
+  z2 = z * z
+  p = functools.reduce(lambda acc, c: acc * z2 + np.float32(c), _ERF_P[1:], np.float32(_ERF_P[0]))
+  q = functools.reduce(lambda acc, c: acc * z2 + np.float32(c), _ERF_Q[1:], np.float32(_ERF_Q[0]))
+  return 0.5 + 0.5 * (z * p / q)
+
+
 @jax.custom_vjp
 def gelu(x):
-  """Exact GELU, x * Phi(x): `nn.gelu(x, approximate=False)` with a one-pass gradient.
+  """Exact GELU, x * Phi(x), with Phi from erf as in PyTorch, and a one-pass gradient.
 
-  Autodiff of `nn.gelu`'s erfc form keeps three more activation-sized intermediates per block
-  than the one input `_gelu_bwd` needs, and spends three elementwise passes on them. The forward
-  keeps erfc, though erf is one polynomial where XLA expands erfc into two, an exp and a select
-  (1.2 against 2.8 ms per MLP activation on CPU): `lax.erf` lowers to a StableHLO composite that
-  the SavedModel export's TensorFlow cannot read (README, Speed).
+  Within 2e-6 of `nn.gelu(x, approximate=False)`, whose erfc form XLA expands into two
+  polynomials, an exp and a select: one pass over an MLP activation took 2.7 ms on CPU, this
+  one 1.0 ms. Autodiff of the erfc form also kept three more activation-sized intermediates per
+  block than the one input `_gelu_bwd` needs (README, Speed). 16-bit inputs are computed in
+  float32.
   """
-  return nn.gelu(x, approximate=False)
+  x32 = x.astype(jnp.float32)
+  return (x32 * _normal_cdf(x32)).astype(x.dtype)
 
 
 def _gelu_bwd(x, g):
-  # d/dx x * Phi(x) = Phi(x) + x * phi(x), in one elementwise pass; erf rather than erfc is
-  # safe here, as no export runs the backward pass.
-  cdf = 0.5 * (1 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
-  pdf = jnp.exp(-0.5 * x * x) * np.asarray(1 / np.sqrt(2 * np.pi), x.dtype)
-  return (g * (cdf + x * pdf),)
+  # d/dx x * Phi(x) = Phi(x) + x * phi(x), in one elementwise pass. Phi through `lax.erf` here
+  # (no export runs the backward pass): with the forward's own expression XLA shares Phi
+  # between the two passes and stores it, an extra activation-sized buffer that made an MLP's
+  # forward and backward ~6% slower on CPU.
+  x32 = x.astype(jnp.float32)
+  cdf = 0.5 + 0.5 * jax.lax.erf(x32 * np.float32(np.sqrt(0.5)))
+  pdf = jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi))
+  return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
 
 gelu.defvjp(lambda x: (gelu(x), x), _gelu_bwd)
