@@ -152,6 +152,33 @@ def test_model_speed_refuses_variants_at_the_largest_batch():
   assert '--batch=max takes one --model_kw' in out.stderr and 'Traceback' not in out.stderr
 
 
+def test_model_speed_times_steady_calls_one_untimed_call_after_the_other_side():
+  """Sides alternate; each timing starts with one untimed call, as the first call after the other
+  side ran pays for the memory that side left behind (README, Against PyTorch)."""
+  spec = importlib.util.spec_from_file_location('model_speed', REPO / 'benchmarks' / 'model_speed.py')
+  model_speed = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(model_speed)
+  log = []
+
+  class Side:
+    def __init__(self, name):
+      self.name = name
+    def run_forward(self):
+      log.append((self.name, 'forward'))
+    def run_train(self):
+      log.append((self.name, 'train'))
+    def sync(self, _):
+      pass
+
+  times = model_speed._rounds([Side('jax'), Side('torch')], steps=3, repeats=2)
+  assert sorted(times) == [0, 1] and all(set(t) == {'forward', 'train'} for t in times.values())
+  # Two warm-up rounds per side, then per round and side: 1 untimed + 3 timed calls per kind.
+  timed = log[8:]
+  assert timed[:8] == [('jax', 'forward')] * 4 + [('jax', 'train')] * 4
+  assert timed[8:16] == [('torch', 'forward')] * 4 + [('torch', 'train')] * 4
+  assert len(timed) == 2 * 2 * 2 * 4
+
+
 def test_model_speed_table_has_ratios_memory_and_mfu(tmp_path):
   row = dict(model='hvt-s-1', batch=8, dtype='bfloat16', gmacs=2.4, compile_s=3.0,
              train_flops=8 * 15e9, peak_bytes=3 * 2**30, device='cpu', forward_ips=40.0,
