@@ -188,9 +188,8 @@ def softmax_attention(q, k, v, scale: float):
 
   The values are those of `attention_weights(q, k, scale) @ v`; the gradient is the textbook
   one: four batched products and one elementwise pass for the softmax. XLA:CPU compiled
-  autodiff's gradient of the softmax with extra zero-filled (B, heads, N, N) buffers and passes:
-  at batch 16 on the 2-core CPU the attention layer's forward and backward went from ~113 to
-  ~98 ms with this one (README, Speed).
+  autodiff's gradient of the softmax with extra zero-filled (B, heads, N, N) buffers and passes;
+  the attention layer's forward and backward is ~10% faster with this one on CPU (README, Speed).
   """
   return _softmax_attention_fwd(q, k, v, scale)[0]
 
@@ -230,18 +229,19 @@ class Attention(nn.Module):
     # Projections take (B * N, D) matrices: see Mlp.
     qkv = checkpoint_name(dense(3 * width, 'qkv')(x.reshape(b * n, d)), 'qkv')
     qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
-    if self.attention_dropout and train:
-      # Attention dropout needs the weights: XLA's attention, differentiated by autodiff.
-      q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-      weights = attention_weights(q, k, self.head_dim ** -0.5, self.dtype)
-      weights = nn.Dropout(self.attention_dropout)(weights, deterministic=False)
-      out = (weights @ v).transpose(0, 2, 1, 3)
-    elif self.implementation == 'xla':
+    dropout = self.attention_dropout and train
+    if self.implementation == 'xla' or dropout:
       # XLA's attention in (B, heads, N, head_dim) order: one transpose in, one out, and batched
       # matrix products. With the 2-D projections the layer's forward and backward went from 154
-      # to 110 ms on CPU at batch 16 (README, Speed).
+      # to 110 ms on CPU at batch 16 (README, Speed). Attention dropout needs the weights, so it
+      # always runs here, differentiated by autodiff.
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-      out = softmax_attention(q, k, v, self.head_dim ** -0.5).transpose(0, 2, 1, 3)
+      if dropout:
+        weights = attention_weights(q, k, self.head_dim ** -0.5, self.dtype)
+        out = nn.Dropout(self.attention_dropout)(weights, deterministic=False) @ v
+      else:
+        out = softmax_attention(q, k, v, self.head_dim ** -0.5)
+      out = out.transpose(0, 2, 1, 3)
     else:
       out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.head_dim ** -0.5,
                    self.implementation)

@@ -1,11 +1,11 @@
 """Huge pages for the host memory of a training process (Linux with glibc).
 
-XLA:CPU allocates a train step's temporary buffers as one block per execution: about 1 GB for
+XLA:CPU allocates a train step's temporary buffers as one block per execution, over a GB for
 HVT-S-0 at batch 16. glibc serves a block that large with a fresh `mmap` and unmaps it when the
-step ends, so every step faults its pages in again, 4 KiB at a time: 265,000 page faults and
-~0.5 s of kernel time per step on the 2-core CPU of the README's Speed section. With glibc's
+step ends, so every step faults its pages in again, 4 KiB at a time. With glibc's
 `glibc.malloc.hugetlb=1` tunable, large blocks are mapped with transparent huge pages (2 MiB):
-the faults all but vanish (~700 per step) and the step is 10-15% faster.
+the faults all but vanish and the step is 10-15% faster on the 2-core CPU of the README's Speed
+section, which gives the measured figures.
 
 glibc reads its tunables once, when a process starts, so `python -m hvt_jax.main` (and
 `benchmarks/model_speed.py`) restart themselves once with it set. A user's own GLIBC_TUNABLES,
