@@ -26,6 +26,7 @@ import os
 # PyTorch shares the accelerator: JAX allocates as it goes instead of taking 75% up front.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+import functools
 import gc
 import json
 import platform
@@ -157,8 +158,11 @@ class JaxSide:
     self.unrolled = model.clone(scan_blocks=False) if _counts_flops() else None
     self.train_flops = self.forward_flops = None
     if self.unrolled:
-      p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, shardings, mesh)
-      self.train_flops = _cost(p_unrolled.lower(self.state, abstract)).get('flops')
+      unrolled_state = jax.eval_shape(
+          functools.partial(train_step.init_state, self.unrolled, tx, ema=True), jax.random.key(0))
+      p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config,
+                                           train_step.state_shardings(unrolled_state, mesh), mesh)
+      self.train_flops = _cost(p_unrolled.lower(unrolled_state, abstract)).get('flops')
     self.peak_bytes = _peak_bytes(self.train)
     self.memory = self.train.memory_analysis()
     # The state (parameters, EMA, Adam moments) does not grow with the batch; counting everything
@@ -181,8 +185,8 @@ class JaxSide:
     self.forward = forward.lower(self.state.params, self.batch_arrays['image']).compile()
     if self.unrolled:
       unrolled = jax.jit(lambda p, x: self.unrolled.apply({'params': p}, x))
-      self.forward_flops = _cost(unrolled.lower(self.state.params, self.batch_arrays['image'])).get(
-          'flops')
+      params = model_lib.abstract_params(self.unrolled)
+      self.forward_flops = _cost(unrolled.lower(params, self.batch_arrays['image'])).get('flops')
 
   def run_forward(self):
     return self.forward(self.state.params, self.batch_arrays['image'])

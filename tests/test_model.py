@@ -166,6 +166,35 @@ def test_scanned_blocks_match_unrolled_blocks_and_keep_their_names(settings):
   _assert_same(feats, ref_feats, atol=1e-5)
 
 
+@pytest.mark.parametrize('train', [False, True])
+def test_stacked_blocks_are_the_same_parameters(train):
+  """The train state's layout: each scanned run under one name, its blocks stacked."""
+  model = model_lib.HVT(**SCANNED, drop_path=0.2, dropout=0.1)
+  assert model.scanned_runs() == [(1, 3), (4, 6)]
+  assert model.clone(scan_blocks=False).scanned_runs() == []
+  params = model_lib.init_params(model, jax.random.key(0))
+  stacked = model_lib.stack_blocks(params, model.scanned_runs())
+  assert sorted(k for k in stacked if k.startswith('blocks_')) == [
+      'blocks_0', 'blocks_1_to_2', 'blocks_3', 'blocks_4_to_5']
+  assert model_lib.stacked_runs(stacked) == model.scanned_runs()
+  np.testing.assert_array_equal(stacked['blocks_4_to_5']['mlp']['fc1']['kernel'][1],
+                                params['blocks_5']['mlp']['fc1']['kernel'])
+  back = model_lib.unstack_blocks(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  logits, grads = _logits_and_grads(model, params, x, train)
+  stacked_logits, stacked_grads = _logits_and_grads(model, stacked, x, train)
+  np.testing.assert_allclose(stacked_logits, logits, rtol=1e-6, atol=1e-6)
+  _assert_same(model_lib.unstack_blocks(stacked_grads), grads, atol=1e-6)
+  # Every parameter-shaped tree in a state converts: here the optimizer's moments.
+  import optax
+  tx = optax.adamw(1e-3)
+  opt = model_lib.stack_blocks(tx.init(params), model.scanned_runs())
+  assert jax.tree.structure(opt) == jax.tree.structure(tx.init(stacked))
+  assert jax.tree.structure(model_lib.unstack_blocks(opt)) == jax.tree.structure(tx.init(params))
+
+
 def test_scanned_blocks_are_stochastic_in_training():
   model = model_lib.HVT(**SCANNED, drop_path=0.5, dropout=0.1)
   params = model_lib.init_params(model, jax.random.key(0))

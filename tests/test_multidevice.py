@@ -20,7 +20,7 @@ from hvt_jax import model as model_lib
 
 config = defaults.train_config()
 config.model = model_lib.variant('hvt-s-1', image_size=16, patch_size=4, num_heads=2,
-                                 head_dim=64, depth=2, pool_every=2, num_classes=10,
+                                 head_dim=64, depth=4, pool_every=3, num_classes=10,
                                  drop_path=0.1)
 config.batch_size = 16
 config.optim.update(lr=1e-3, warmup_epochs=0)
@@ -45,10 +45,12 @@ for name, axes, devs in [('1', (('data', 1),), devices[:1]), ('8', (('data', 8),
     state, metrics = p_train(state, batch)
     losses.append(float(metrics['loss']))
   qkv = state.params['blocks_0']['attn']['qkv']['kernel']
+  stacked = state.params['blocks_1_to_2']['attn']['qkv']['kernel']  # blocks 1-2, scanned
   ev = p_eval(state.params, {**batch, 'mask': put(np.ones(16, np.float32))})
   out[name] = {'losses': losses, 'grad_norm': float(metrics['grad_norm']),
                'params': [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)],
                'qkv_spec': str(qkv.sharding.spec), 'qkv_devices': len(qkv.sharding.device_set),
+               'stacked_spec': list(stacked.sharding.spec),
                'eval_top1': float(ev['top1'])}
 print('RESULT' + json.dumps(out))
 '''
@@ -69,6 +71,8 @@ def test_one_step_on_one_device_equals_eight_and_fsdp():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert out['8']['qkv_spec'] == 'P()'  # data parallel: replicated weights
   assert 'fsdp' in out['fsdp']['qkv_spec'] and out['fsdp']['qkv_devices'] == 8
+  # A scanned run's stacked leaves split like one block's, never across the blocks.
+  assert out['fsdp']['stacked_spec'][0] is None and 'fsdp' in out['fsdp']['stacked_spec']
 
 
 def _free_port():

@@ -47,6 +47,15 @@ def test_weight_decay_skips_biases_norms_and_position_embeddings():
   assert not mask['blocks_2']['pos_embed']
 
 
+def test_weight_decay_of_stacked_blocks_is_each_blocks():
+  model = model_lib.HVT(**dict(TINY_MODEL, depth=4, pool_every=3))
+  params = model_lib.init_params(model, jax.random.key(0))
+  stacked = model_lib.stack_blocks(params, model.scanned_runs())
+  mask = optim.decay_mask(stacked)['blocks_1_to_2']
+  assert mask == optim.decay_mask(params)['blocks_1']
+  assert mask['attn']['qkv']['kernel'] and not mask['attn']['qkv']['bias']
+
+
 def test_adamw_decays_only_masked_leaves():
   cfg = defaults.train_config().optim
   params = {'w': jnp.ones((2, 2)), 'b': jnp.ones((2,)), 'pos_embed': jnp.ones((1, 2, 2))}

@@ -156,8 +156,12 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
                                              mesh=mesh)
   started = loop._start_from(state, model_dir, shardings)
-  np.testing.assert_array_equal(started.params['blocks_1']['mlp']['fc1']['kernel'],
-                                source_params['blocks_1']['mlp']['fc1']['kernel'])
+  assert model_lib.stacked_runs(started.params) == [(1, 3)]  # the run's layout is kept
+  assert jax.tree.map(lambda a: a.sharding, started.params) == shardings.params
+  per_block = train_step.per_block(started.params)
+  for name in ('blocks_1', 'blocks_2', 'blocks_3'):
+    np.testing.assert_array_equal(per_block[name]['mlp']['fc1']['kernel'],
+                                  source_params[name]['mlp']['fc1']['kernel'])
   np.testing.assert_array_equal(started.ema_params['pos_embed'], source_params['pos_embed'])
   assert started.params['head']['kernel'].shape == (32, 10)
   np.testing.assert_array_equal(started.params['head']['kernel'], state.params['head']['kernel'])
@@ -191,14 +195,16 @@ def test_a_step_saved_with_the_old_data_item_resumes_and_loads(tmp_path):
   """Steps written before the input position followed from the step held a `data` item."""
   import contextlib
   import orbax.checkpoint as ocp
+  from hvt_jax.training import train_step
   model, state, shardings = _tiny_state()
+  saved = train_step.per_block(state)  # that version's train state held every block by name
   old = ocp.CheckpointManager(tmp_path / 'checkpoints',
                               item_names=('params', 'ema_params', 'opt', 'data', 'model'))
   old.save(4, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      ema_params=ocp.args.StandardSave(state.ema_params),
-      opt=ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step,
-                                 'rng': state.rng}),
+      params=ocp.args.StandardSave(saved.params),
+      ema_params=ocp.args.StandardSave(saved.ema_params),
+      opt=ocp.args.StandardSave({'opt_state': saved.opt_state, 'step': saved.step,
+                                 'rng': saved.rng}),
       data=ocp.args.JsonSave([{'step': 4, 'epoch': 0, 'batch_size': 32, 'process_count': 1,
                                'seed': 0}]),
       model=ocp.args.JsonSave({'model': model.config(), 'class_names': None})))
@@ -214,6 +220,30 @@ def test_a_step_saved_with_the_old_data_item_resumes_and_loads(tmp_path):
   loaded_model, params = checkpoint.load(str(tmp_path), ema=True)
   assert loaded_model == model
   np.testing.assert_array_equal(params['head']['kernel'], state.ema_params['head']['kernel'])
+
+
+def test_a_stacked_train_state_is_saved_block_by_block_and_restored_stacked(tmp_path):
+  """Runs keep scanned blocks stacked; checkpoints and everything loaded name every block."""
+  import contextlib
+  from hvt_jax import model as model_lib
+  from hvt_jax.training import train_step
+  model, state, shardings = _tiny_state()
+  assert model_lib.stacked_runs(state.params) == model.scanned_runs() == [(1, 3)]
+  state = state.replace(params=jax.tree.map(lambda a: a + 1.0, state.params))  # EMA differs
+  with contextlib.closing(checkpoint.manager(str(tmp_path))) as mngr:
+    checkpoint.save_train(mngr, state, {'model': model.config()})
+    mngr.wait_until_finished()
+  for ema, expected in ((False, state.params), (True, state.ema_params)):
+    loaded_model, params = checkpoint.load(str(tmp_path), ema=ema)
+    assert jax.tree.structure(params) == jax.tree.structure(model_lib.abstract_params(model))
+    jax.tree.map(np.testing.assert_array_equal, params, model_lib.unstack_blocks(expected))
+  fresh = jax.tree.map(jax.numpy.zeros_like, state)
+  with contextlib.closing(checkpoint.manager(str(tmp_path), read_only=True)) as mngr:
+    restored, _ = checkpoint.restore_train(mngr, 4, fresh, shardings)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert jax.tree.map(lambda a: a.sharding, restored) == shardings
+  assert train_step.per_block(state.params).keys() == params.keys()
 
 
 def test_a_resume_on_another_process_count_warns(tmp_path, caplog):

@@ -30,6 +30,7 @@ from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax.interop import weights
 from hvt_jax.model import resample
+from hvt_jax.training import train_step
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
@@ -157,6 +158,7 @@ def save_train(mngr: ocp.CheckpointManager, state, meta: dict[str, Any],
   resume on another count can say that its batches differ.
   """
   step = int(state.step)
+  state = train_step.per_block(state)  # checkpoints name every block, whatever the run scans
   items = dict(
       params=ocp.args.StandardSave(state.params),
       opt=ocp.args.StandardSave({'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng}),
@@ -173,8 +175,15 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, template, shardings):
 
   `template`: a train state (or its `jax.eval_shape`) giving the shapes and dtypes.
   """
+  runs = model_lib.stacked_runs(template.params)
+  if runs:  # saved per block (`save_train`): restore so, then stack as the template is
+    template = jax.eval_shape(model_lib.unstack_blocks, template)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    saved_shardings = train_step.state_shardings(template, mesh)
+  else:
+    saved_shardings = shardings
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        template, shardings)
+                        template, saved_shardings)
   items = dict(
       params=ocp.args.StandardRestore(target.params),
       opt=ocp.args.StandardRestore({'opt_state': target.opt_state, 'step': target.step,
@@ -194,6 +203,8 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, template, shardings):
   state = template.replace(
       step=r['opt']['step'], params=r['params'], opt_state=r['opt']['opt_state'],
       rng=r['opt']['rng'], ema_params=r['ema_params'] if 'ema_params' in items else None)
+  if runs:
+    state = train_step.stacked_like(state, runs, shardings)
   return state, custom.get('process_count')
 
 

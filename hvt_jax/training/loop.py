@@ -103,9 +103,9 @@ def _start_from(state, init_from: str, shardings, image_size: int | None = None)
   embeddings are resampled to `image_size` (None: as saved); a head of another class count is
   left freshly initialized; any other mismatch is an error."""
   # Loaded replicated: a resampled embedding's layout follows its new shape, set at the end.
-  whole = jax.tree.map(lambda s: jax.sharding.NamedSharding(s.mesh, jax.P()), shardings.params)
+  whole = jax.sharding.NamedSharding(jax.tree.leaves(shardings.params)[0].mesh, jax.P())
   _, params = checkpoint.load(init_from, sharding=whole, image_size=image_size)
-  new = dict(state.params)
+  new = dict(train_step.per_block(state.params))
   for name, value in params.items():
     target = new.get(name)
     shapes = jax.tree.map(lambda a: a.shape, (value, target))
@@ -116,7 +116,7 @@ def _start_from(state, init_from: str, shardings, image_size: int | None = None)
       raise TrainError(f'init_from {init_from}: {name} does not fit this model '
                        f'({shapes[0]} vs {shapes[1]}); use weights of the same architecture.')
     new[name] = value
-  new = jax.device_put(new, shardings.params)
+  new = train_step.stacked_like(new, model_lib.stacked_runs(state.params), shardings.params)
   ema = new if state.ema_params is not None else None
   return state.replace(params=new, ema_params=ema)
 

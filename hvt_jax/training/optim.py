@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hvt_jax import model as model_lib
+
 # Position embeddings (the stem's and each pooling block's) and the class token are
 # not decayed, like biases and other 1-D parameters.
 _NO_DECAY_NAMES = ('pos_embed', 'cls_token')
@@ -36,10 +38,15 @@ def lr_schedule(optim, batch_size: int, num_epochs: int, steps_per_epoch: int):
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices and kernels, not biases/norms/embeddings."""
+  """True where weight decay applies: matrices and kernels, not biases/norms/embeddings.
+
+  Counts a parameter's own axes: a stacked run's (see `model.stack_blocks`) less the one
+  that counts blocks.
+  """
   def decays(path, leaf):
     names = [getattr(k, 'key', None) for k in path]
-    return leaf.ndim > 1 and not any(n in _NO_DECAY_NAMES for n in names)
+    ndim = leaf.ndim - model_lib.stacked_dims(path)
+    return ndim > 1 and not any(n in _NO_DECAY_NAMES for n in names)
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -36,17 +36,41 @@ class TrainState:
 
 def init_state(model: model_lib.HVT, tx: optax.GradientTransformation, rng: jax.Array,
                ema: bool) -> TrainState:
+  """A fresh state. The blocks the model scans are held stacked (`model.stack_blocks`), so
+  neither the step nor the optimizer works per block; checkpoints hold them per block."""
   init_key, step_key = jax.random.split(rng)
-  params = model_lib.init_params(model, init_key)
+  params = model_lib.stack_blocks(model_lib.init_params(model, init_key), model.scanned_runs())
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=params if ema else None, opt_state=tx.init(params),
                     rng=jax.random.key_data(step_key))
 
 
 def state_shardings(abstract_state, mesh):
-  """Every leaf (params, EMA, Adam moments) split like its parameter; scalars replicated."""
-  return jax.tree.map(
-      lambda x: jax.sharding.NamedSharding(mesh, sharding.param_spec(x.shape, mesh)), abstract_state)
+  """Every leaf (params, EMA, Adam moments) split like its parameter; scalars replicated.
+
+  A stacked run's leaves split like one block's, never across blocks: the scan takes one block
+  per iteration.
+  """
+  def place(path, x):
+    stacked = model_lib.stacked_dims(path)
+    spec = sharding.param_spec(x.shape[stacked:], mesh)
+    return jax.sharding.NamedSharding(mesh, jax.P(*[None] * stacked, *spec))
+
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+def per_block(tree):
+  """A train state (or its parameters) with every block under its own name `blocks_{i}`, the
+  layout of checkpoints and of everything users get; the same arrays if nothing is stacked."""
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not any(model_lib.stacked_dims(path) for path, _ in paths):
+    return tree
+  return jax.jit(model_lib.unstack_blocks)(tree)
+
+
+def stacked_like(tree, runs: list[tuple[int, int]], shardings):
+  """The inverse of `per_block`: `runs` stacked again (`model.stack_blocks`), on `shardings`."""
+  return jax.jit(functools.partial(model_lib.stack_blocks, runs=runs), out_shardings=shardings)(tree)
 
 
 def create_state(model, tx, rng, *, ema: bool, mesh) -> tuple[TrainState, Any]:
