@@ -26,7 +26,6 @@ import os
 # PyTorch shares the accelerator: JAX allocates as it goes instead of taking 75% up front.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-import functools
 import gc
 import json
 import platform
@@ -158,10 +157,10 @@ class JaxSide:
     self.unrolled = model.clone(scan_blocks=False) if _counts_flops() else None
     self.train_flops = self.forward_flops = None
     if self.unrolled:
-      unrolled_state = jax.eval_shape(
-          functools.partial(train_step.init_state, self.unrolled, tx, ema=True), jax.random.key(0))
-      p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config,
-                                           train_step.state_shardings(unrolled_state, mesh), mesh)
+      unrolled_state, unrolled_shardings = train_step.abstract_state(self.unrolled, tx, ema=True,
+                                                                     mesh=mesh)
+      p_unrolled, _ = train_step.jit_steps(self.unrolled, tx, schedule, config, unrolled_shardings,
+                                           mesh)
       self.train_flops = _cost(p_unrolled.lower(unrolled_state, abstract)).get('flops')
     self.peak_bytes = _peak_bytes(self.train)
     self.memory = self.train.memory_analysis()

@@ -73,10 +73,16 @@ def stacked_like(tree, runs: list[tuple[int, int]], shardings):
   return jax.jit(functools.partial(model_lib.stack_blocks, runs=runs), out_shardings=shardings)(tree)
 
 
+def abstract_state(model, tx, *, ema: bool, mesh) -> tuple[TrainState, Any]:
+  """A fresh state's shapes and dtypes, computing nothing, and its shardings on the mesh."""
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, ema=ema), jax.random.key(0))
+  return abstract, state_shardings(abstract, mesh)
+
+
 def create_state(model, tx, rng, *, ema: bool, mesh) -> tuple[TrainState, Any]:
   """A fresh state laid out on the mesh, and its shardings (for the steps and checkpoints)."""
+  _, shardings = abstract_state(model, tx, ema=ema, mesh=mesh)
   make = functools.partial(init_state, model, tx, ema=ema)
-  shardings = state_shardings(jax.eval_shape(make, rng), mesh)
   return jax.jit(make, out_shardings=shardings)(rng), shardings
 
 
