@@ -12,7 +12,7 @@
 # (On an H100: batch 256 with torch.compile for both models ~4 min, the variants ~2 min, so
 # the largest-batch rows get what is left; the slowest, HVT-S-0's, comes last.)
 # With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows and a profiler trace of 3 HVT-S-1 train steps
-# are kept there.
+# are kept there, and the summary ends with that trace's time per kind of kernel.
 #
 # Phases, in order of importance, each skipped when the time left is too short:
 #   1. cuDNN attention: checked against float32 at even token counts (where 'auto' uses it) and,
@@ -121,3 +121,7 @@ done
 echo
 echo "=== gpu_check summary ($((SECONDS)) s) ==="
 "$PY" benchmarks/model_speed.py --table_from="$ROWS"
+if [[ -n "$KEEP" && -f "$KEEP/perfetto_trace.json.gz" ]]; then
+  echo "Where a batch-$BATCH HVT-S-1 train step's time goes (the trace kept in $KEEP):"
+  "$PY" benchmarks/trace_breakdown.py "$KEEP/perfetto_trace.json.gz" --steps=3 --top=15 || true
+fi
