@@ -15,7 +15,6 @@ import pytest
 import hvt_jax
 from hvt_jax import model as model_lib
 from hvt_jax.interop import convert, weights
-from hvt_jax.model import summary
 from hvt_jax.training import checkpoint
 from tests import helpers, torch_layout
 
@@ -99,7 +98,6 @@ def _same_params(a, b):
 
 
 def test_table_agrees_with_the_model_variants():
-  assert set(weights.PUBLISHED) == set(summary.PUBLISHED)
   for name, entry in weights.PUBLISHED.items():
     model = model_lib.HVT(**model_lib.variant(name))
     assert model_lib.param_count(model_lib.abstract_params(model)) == entry.params, name
@@ -168,6 +166,20 @@ def test_changed_files_are_detected(tiny_release, tmp_path):
   with pytest.raises(weights.WeightsError, match='changed since it was first downloaded'):
     hvt_jax.load('tiny-1')
   assert not cached.exists()
+
+
+def test_a_corrupt_cached_model_dir_is_one_clear_error(tiny_release, tmp_path):
+  hvt_jax.load('tiny-1')
+  model_json = tmp_path / 'cache' / 'models' / 'tiny-1' / 'model.json'
+  model_json.write_text('{"model": ')  # cut off mid-write
+  cached = tmp_path / 'cache' / 'downloads' / 'v1.0' / 'tiny_1.pth'
+  with pytest.raises(weights.WeightsError, match=f'{model_json} is corrupt .*; remove '
+                     f'{model_json.parent} and it is converted again'):
+    hvt_jax.load('tiny-1')
+  assert cached.read_bytes() == (tiny_release.root / FILE).read_bytes()  # nothing lost
+  shutil.rmtree(model_json.parent)  # as the message says
+  tiny_release.stop()
+  assert _same_params(hvt_jax.load('tiny-1')[1], convert.read(str(cached))[1])
 
 
 def _free_port():

@@ -89,8 +89,9 @@ def local_path(path):
 
 def fetch(name: str) -> str:
   """The cached model dir of a published model; downloads and converts it on first use."""
+  from hvt_jax.training import checkpoint  # which imports this module
   pth, out = download_path(name), model_path(name)
-  if os.path.exists(os.path.join(out, 'model.json')):
+  if checkpoint.is_model_dir(out):
     _check_unchanged(name, pth, out)
     return out
   if os.path.exists(pth):  # an earlier download whose conversion did not finish, or put by hand
@@ -169,20 +170,26 @@ def _convert(name: str, pth: str, sha: str, *, source: str, keep_as: str | None 
     convert.save(model_path(name), model, params, source=source, sha256=sha, published_name=name,
                  published_accuracy=dict(top1=published.top1, top5=published.top5))
   except checkpoint.CheckpointError:
-    if not os.path.exists(os.path.join(model_path(name), 'model.json')):
+    if not checkpoint.is_model_dir(model_path(name)):
       raise  # else another process converted the same file meanwhile
 
 
 def _check_unchanged(name: str, pth: str, out: str) -> None:
-  """A cached file that no longer matches the model converted from it is an error."""
+  """A damaged model dir, or a cached file that no longer matches the model converted from it,
+  is an error."""
+  from hvt_jax.training import checkpoint  # which imports this module
+  try:
+    converted = checkpoint.resolve(out).meta.get('sha256')
+  except checkpoint.CheckpointError as e:
+    source = 'the downloaded file' if os.path.exists(pth) else url(name)
+    raise WeightsError(f'the cached model is damaged ({e}); remove {out} and it is converted '
+                       f'again from {source}.') from None
   if not os.path.exists(pth):
     return  # removed to save space: the model dir is what is used
   record = _read_record(pth)
   stat = os.stat(pth)
   if record and (record.get('bytes'), record.get('mtime_ns')) == (stat.st_size, stat.st_mtime_ns):
     return  # unchanged since it was hashed, without reading it again
-  with open(os.path.join(out, 'model.json')) as f:
-    converted = json.load(f).get('sha256')
   sha = _sha256(pth)
   if sha != converted:
     raise WeightsError(f'{pth} changed since it was converted into {out} (sha256 {converted}, now '

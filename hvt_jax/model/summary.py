@@ -22,8 +22,9 @@ from ml_collections import config_flags
 
 from hvt_jax import cli
 from hvt_jax import model as model_lib
+from hvt_jax.interop import weights
 
-PUBLISHED = ('hvt-ti-1', 'hvt-s-0', 'hvt-s-1', 'hvt-s-2', 'hvt-s-3', 'hvt-s-4')
+PUBLISHED = tuple(weights.PUBLISHED)  # the models with released weights
 
 
 def macs(model: model_lib.HVT) -> int:

@@ -262,6 +262,10 @@ def _read_meta(path: epath.Path, fix: str) -> dict[str, Any]:
   return meta
 
 
+def is_model_dir(path: str) -> bool:
+  return (epath.Path(path) / MODEL_FILE).exists()
+
+
 def resolve(path: str, *, step: int | None = None, best: bool = False,
             ema: bool = False) -> Saved:
   """What `path` holds: a model dir, or a training workdir (or its `checkpoints/`) at the
@@ -272,7 +276,7 @@ def resolve(path: str, *, step: int | None = None, best: bool = False,
   path = weights.local_path(path)  # a published name: its cached model dir
   if not epath.Path(path).exists():
     raise CheckpointError(f'{path}: no such model dir or workdir.')
-  if (epath.Path(path) / MODEL_FILE).exists():
+  if is_model_dir(path):
     if step is not None or best or ema:
       raise CheckpointError(f'{path} is a model dir with one set of weights; step, best and ema '
                             'apply to training workdirs only.')
