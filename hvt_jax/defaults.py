@@ -114,6 +114,16 @@ def train_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_no_moved_keys(config) -> None:
+  """A config file written for an older version may set a key that has moved since (e.g.
+  `config.aug.mixup`): nothing reads it there, so the run would silently use the default."""
+  for old, new in MOVED_KEYS.items():
+    group, key = old.split('.')
+    if key in config.get(group, {}):
+      raise UserError(f'the config sets {old}, which has moved to {new}: set config.{new} in '
+                      'the config file instead.')
+
+
 def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
   """A config saved as JSON (a workdir's config.json) by a version that kept the mixing, loss
   and eval settings in `aug`, regrouped as today, so that its run can still be resumed."""

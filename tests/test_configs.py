@@ -153,6 +153,17 @@ def test_old_keys_name_their_new_place():
       "no config key 'zzz' (in --config.mix.zzz); the config file lists the valid keys.")
 
 
+@pytest.mark.parametrize('old', sorted(defaults.MOVED_KEYS))
+def test_a_config_file_setting_a_moved_key_is_refused(old, tmp_path):
+  from hvt_jax.training import loop
+  config = get_config('demo')
+  group, key = old.split('.')
+  config[group][key] = 0.5  # as a config file written for the old layout would
+  with pytest.raises(UserError, match=f'sets {old}, which has moved to {defaults.MOVED_KEYS[old]}'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_workdir_of_the_old_layout_still_resumes(tmp_path):
   from hvt_jax.training import loop
   config = get_config('demo')

@@ -155,6 +155,7 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+  defaults.check_no_moved_keys(config)
   safety.check_workdir(workdir)  # before minutes of dataset preparation and compilation
   model = model_lib.HVT(**config.model)  # impossible model settings fail here, in words
   mesh = sharding.make_mesh(config.mesh)
