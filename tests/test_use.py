@@ -73,6 +73,22 @@ def test_a_model_dir_written_by_hand_in_the_first_layout_loads(tmp_path):
     hvt_jax.load(str(tmp_path / 'old'), ema=True)
 
 
+def test_a_model_saved_with_gpu_run_settings_loads_and_runs_here(tmp_path):
+  """attention='cudnn' (which needs a GPU), remat and a forced scan, as a GPU run might save
+  them: loading takes this machine's defaults for how the model runs, never what it computes."""
+  base = model_lib.HVT(**tiny_config.get_config().model)
+  params = model_lib.init_params(base, jax.random.key(3))
+  checkpoint.save_model(str(tmp_path / 'gpu'), base, params)
+  saved = base.clone(attention='cudnn', remat=True, scan_blocks=False)  # as on the GPU machine
+  meta = json.loads((tmp_path / 'gpu' / 'model.json').read_text())
+  (tmp_path / 'gpu' / 'model.json').write_text(json.dumps({**meta, 'model': saved.config()}))
+  model, loaded = hvt_jax.load(str(tmp_path / 'gpu'))
+  assert {k: getattr(model, k) for k in model_lib.RUN_SETTINGS} == {
+      k: model_lib.field_defaults()[k] for k in model_lib.RUN_SETTINGS}
+  assert model.config() == {**saved.config(), **{k: getattr(model, k) for k in model_lib.RUN_SETTINGS}}
+  np.testing.assert_allclose(_logits(model, loaded), _logits(base, params), rtol=1e-5, atol=1e-5)
+
+
 def test_export_writes_a_small_params_only_model(workdir, tmp_path):
   out = tmp_path / 'exported'
   result = run('export', f'--workdir={workdir}', f'--output={out}', '--ema')

@@ -247,7 +247,11 @@ class Saved:
 
   @property
   def model(self) -> model_lib.HVT:
-    return model_lib.HVT(**self.meta['model'])
+    # What the model computes comes from the saved fields; how it runs (attention kernel, remat,
+    # scan) was the saving machine's choice and is this one's: a model trained on a GPU with
+    # attention='cudnn' must still run on a CPU. `model.clone(...)` sets them.
+    defaults = model_lib.field_defaults()
+    return model_lib.HVT(**{**self.meta['model'], **{k: defaults[k] for k in model_lib.RUN_SETTINGS}})
 
 
 def _read_meta(path: epath.Path, fix: str) -> dict[str, Any]:
