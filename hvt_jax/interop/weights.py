@@ -112,7 +112,7 @@ def fetch(name: str) -> str:
 
 def _download(name: str, f) -> str:
   """Streams the release's file into `f` with a progress bar; returns its sha256."""
-  import tqdm
+  import tqdm  # only a download needs it; checkpoint imports this module everywhere
   source = url(name)
   where = f'put the file at {download_path(name)} by hand and run again'
   digest, got, total = hashlib.sha256(), 0, None
