@@ -64,6 +64,41 @@ def test_unreadable_images_are_skipped_counted_and_move_nothing():
     np.testing.assert_array_equal(r['ok'], d['ok'])
 
 
+def test_a_stream_resumed_at_an_unreadable_image_continues_the_same():
+  _, broken = _sources()
+  dirty = _batches(broken, N // BATCH)
+  ok = np.concatenate([b['ok'] for b in dirty])
+  images = np.concatenate([b['image'] for b in dirty])
+  for start in np.flatnonzero(~ok):  # the resumed stream's first record cannot be decoded
+    resumed = _batches(broken, 1, start=int(start))[0]
+    np.testing.assert_array_equal(resumed['ok'], ok[start:start + BATCH])
+    np.testing.assert_array_equal(resumed['image'][resumed['ok']],
+                                  images[start:start + BATCH][resumed['ok']])
+
+
+def test_training_data_with_no_readable_image_is_refused(tmp_path):
+  junk = input_pipeline.memory_source(np.array([b'not an image'] * N, object), np.zeros(N))
+  with pytest.raises(input_pipeline.InputError,
+                     match=f'none of the first {N} training images of .* could be decoded'):
+    _batches(junk, 1)
+  # A run is refused before it writes anything.
+  from tests.helpers import run_main
+  root = tmp_path / 'data'
+  for split in ('train', 'val'):
+    for name in ('cat', 'dog'):
+      (root / split / name).mkdir(parents=True)
+      for i in range(3):
+        (root / split / name / f'{i}.jpg').write_bytes(b'saved as .jpg, but text')
+  result = run_main(tmp_path / 'run', '--config.data.name=folder', f'--config.data.data_dir={root}',
+                    '--config.data.eval_split=val', '--config.model.num_classes=2',
+                    '--config.batch_size=2', check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'main: error: none of the first 6 training images of {root} could be decoded: the data '
+      'must hold JPEG, PNG, GIF, BMP or WebP images (training skips a few unreadable ones, not all).')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_train_step_counts_skipped_examples():
   config = _config()
   config.model = model_lib.variant('hvt-s-1', **TINY_MODEL)

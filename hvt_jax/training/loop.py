@@ -164,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if steps_per_epoch < 1 and not config.eval_only:
     raise TrainError(f'batch_size {config.batch_size} exceeds the {dataset.num_train} training '
                      'examples; lower --config.batch_size.')
+  if not config.eval_only:
+    input_pipeline.check_train_data(config, dataset)
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
