@@ -94,6 +94,17 @@ def test_one_epoch_has_every_decodable_image_once_with_its_label(tree, mesh):
   assert [train[i] for i in ids] == list(rows['label'][good])
 
 
+def test_a_quick_look_reads_only_the_first_records_of_the_share(tree):
+  root, _, _ = tree
+  config = make_config(root)
+  opened = datasets.open_dataset(config)
+  full = input_pipeline.split_source(config, opened, 'train', 1, 2)
+  head = input_pipeline.split_source(config, opened, 'train', 1, 2, first=5)
+  assert (full.num_examples, head.num_examples) == (12, 5)  # files 1, 3, ..., 23 of 25
+  records = lambda source: [r['image'] for r in source.read(None).as_numpy_iterator()]
+  assert records(head) == records(full)[:5]
+
+
 def test_processes_share_disjoint_and_covering(tree, mesh):
   root, train, _ = tree
   config = make_config(root)

@@ -117,14 +117,16 @@ def memory_source(images: np.ndarray, labels: np.ndarray) -> Source:
   return Source(len(labels), lambda order_key: ds)
 
 
-def folder_source(listing: folders.Listing, process_index: int, process_count: int) -> Source:
-  """Every `process_count`-th file of a listed image folder, from `process_index` on.
+def folder_source(listing: folders.Listing, process_index: int, process_count: int, *,
+                  first: int | None = None) -> Source:
+  """Every `process_count`-th file of a listed image folder, from `process_index` on (only the
+  `first` of them if given).
 
   Strided, so every process gets every class. With an `order_key` the whole share is
   permuted; files are read inside tf.data.
   """
-  paths = listing.paths[process_index::process_count].astype(str)
-  labels = listing.labels[process_index::process_count]
+  paths = listing.paths[process_index::process_count][:first].astype(str)
+  labels = listing.labels[process_index::process_count][:first]
   if not len(paths):
     return memory_source(np.array([], dtype=object), np.array([], np.int64))
   paths_t, labels_t = tf.constant(paths), tf.constant(labels)
@@ -141,12 +143,20 @@ def folder_source(listing: folders.Listing, process_index: int, process_count: i
 
 
 def split_source(config: ml_collections.ConfigDict, dataset: datasets.Dataset, split: str,
-                 process_index: int, process_count: int) -> Source:
-  """This process's share of `split` of the run's dataset (TFDS or an image folder)."""
+                 process_index: int, process_count: int, *, first: int | None = None) -> Source:
+  """This process's share of `split` of the run's dataset (TFDS or an image folder).
+
+  `first`: only the share's first records (in file order when read without an order key),
+  never cached: a quick look at the data, costing no more than those records.
+  """
   if dataset.builder is None:
-    return folder_source(folders.listing(config, split), process_index, process_count)
-  return tfds_source(dataset.builder, process_split(split, process_index, process_count),
-                     cache=config.data.cache)
+    return folder_source(folders.listing(config, split), process_index, process_count,
+                         first=first)
+  source = tfds_source(dataset.builder, process_split(split, process_index, process_count),
+                       cache=config.data.cache and first is None)
+  if first is None:
+    return source
+  return Source(min(source.num_examples, first), lambda key: source.read(key).take(first))
 
 
 def _key(*parts) -> tf.Tensor:
@@ -359,7 +369,8 @@ def check_train_data(config: ml_collections.ConfigDict, dataset: datasets.Datase
   """`check_some_decode` on this process's share of the train split, so that a run can refuse
   data it cannot train on before it writes anything."""
   index, count = _processes(None, None)
-  source = split_source(config, dataset, config.data.train_split, index, count)
+  source = split_source(config, dataset, config.data.train_split, index, count,
+                        first=_PROBE_RECORDS)
   if source.num_examples:
     check_some_decode(source, config, process_index=index)
 
