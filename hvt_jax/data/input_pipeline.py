@@ -263,7 +263,7 @@ def check_some_decode(source: Source, config: ml_collections.ConfigDict, *,
   probe = source.read(None).take(_PROBE_RECORDS).enumerate().map(
       lambda position, record: augment(tf.constant(0, tf.int64), position, record))
   if not any(True for _ in probe.ignore_errors().take(1)):
-    where = config.data.data_dir if config.data.name == 'folder' else config.data.name
+    where = folders.root(config) if config.data.name == folders.NAME else config.data.name
     raise InputError(f'none of the first {min(source.num_examples, _PROBE_RECORDS)} training '
                      f'images of {where} could be decoded: the data must hold JPEG, PNG, GIF, '
                      'BMP or WebP images (training skips a few unreadable ones, not all).')
