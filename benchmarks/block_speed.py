@@ -3,6 +3,7 @@ MLP's GEMMs alone. Where a train step's time goes, part by part, on CPU or GPU.
 
   python benchmarks/block_speed.py                     # batch 16 x 196 tokens, width 384, float32
   python benchmarks/block_speed.py --batch=256 --dtype=bfloat16   # GPU-sized
+  python benchmarks/block_speed.py --parts=products    # only the bare matrix products
 
 Each part is `jax.grad` of a fixed linear function of its output (no cheap-to-skip sum, no
 expensive sin), against `torch.autograd` of the same; median of --repeats after 2 warm-ups.
@@ -46,7 +47,14 @@ def main():
   parser.add_argument('--tokens', type=int, default=196)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--parts', default='attention,mlp,layernorm,products',
+                      help='comma-separated: which of the layers and the bare products to time')
   args = parser.parse_args()
+  chosen = args.parts.split(',')
+  unknown = set(chosen) - {'attention', 'mlp', 'layernorm', 'products'}
+  if unknown:
+    parser.error(f'--parts: unknown {", ".join(sorted(unknown))}; '
+                 'choose from attention, mlp, layernorm, products.')
   b, n, width, heads = args.batch, args.tokens, 384, 6
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (b, n, width), dtype)
@@ -76,6 +84,8 @@ def main():
         + (f', torch {torch.__version__}' if torch is not None else ', no torch')
         + f'; batch {b} x {n} tokens x {width}, {args.dtype}, forward + backward, median ms')
   for name, module in parts.items():
+    if name not in chosen:
+      continue
     extra = () if name == 'layernorm' else (False,)
     params = module.init(jax.random.key(2), x, *extra)['params']
     grad = jax.jit(jax.grad(
@@ -92,22 +102,31 @@ def main():
 
       row += f'   torch {1e3 * median_seconds(step, args.repeats):7.1f}'
     print(row)
-  # The MLP's first layer as bare products: forward, input gradient, weight gradient.
+  # Bare products. The MLP's first layer: forward, input gradient, weight gradient. Attention's
+  # batched per-head products, q k^T and p v: XLA:CPU hands these to YNNPACK, which runs a
+  # batched product on one thread (README, Speed).
   m, k, f = b * n, width, 4 * width
   a, w = x.reshape(m, k), jax.random.normal(jax.random.key(3), (k, f), dtype)
   dy = jax.random.normal(jax.random.key(4), (m, f), dtype)
-  products = {'x @ w': (lambda a, w, dy: a @ w), 'dy @ w.T': (lambda a, w, dy: dy @ w.T),
-              'x.T @ dy': (lambda a, w, dy: a.T @ dy)}
-  if torch is not None:
-    torch_args = [torch.tensor(np.asarray(t, np.float32), device=device, dtype=torch_dtype)
-                  for t in (a, w, dy)]
-  for name, product in products.items():
+  q = x.reshape(b, n, heads, width // heads).transpose(0, 2, 1, 3)
+  p = jax.random.uniform(jax.random.key(5), (b, heads, n, n), dtype)
+  gemm, per_head = 2 * m * k * f, 2 * b * heads * n * n * (width // heads)
+  products = {'x @ w': (lambda a, w: a @ w, (a, w), gemm),
+              'dy @ w.T': (lambda dy, w: dy @ w.T, (dy, w), gemm),
+              'x.T @ dy': (lambda a, dy: a.T @ dy, (a, dy), gemm),
+              'q @ k.T': (lambda q, k: q @ k.swapaxes(-1, -2), (q, q), per_head),
+              'p @ v': (lambda p, v: p @ v, (p, q), per_head)}
+  for name, (product, operands, flops) in products.items():
+    if 'products' not in chosen:
+      break
     fn = jax.jit(product)  # arguments, not closed-over constants, which XLA could fold away
-    seconds = median_seconds(lambda: jax.block_until_ready(fn(a, w, dy)), args.repeats)
-    row = f'{name:<10} jax {2 * m * k * f / seconds / 1e9:7.0f} GFLOP/s'
+    seconds = median_seconds(lambda: jax.block_until_ready(fn(*operands)), args.repeats)
+    row = f'{name:<10} jax {flops / seconds / 1e9:7.0f} GFLOP/s'
     if torch is not None:
-      seconds = median_seconds(lambda: (product(*torch_args), sync()), args.repeats)
-      row += f'   torch {2 * m * k * f / seconds / 1e9:7.0f} GFLOP/s'
+      torch_operands = [torch.tensor(np.asarray(t, np.float32), device=device, dtype=torch_dtype)
+                        for t in operands]
+      seconds = median_seconds(lambda: (product(*torch_operands), sync()), args.repeats)
+      row += f'   torch {flops / seconds / 1e9:7.0f} GFLOP/s'
     print(row)
 
 if __name__ == '__main__':

@@ -239,16 +239,31 @@ def test_trace_breakdown_groups_a_devices_kernels_per_step(tmp_path):
   assert kinds['cuDNN attention'] == '0.20' and kinds['other elementwise fusions'] == '0.30'
 
 
-def test_block_speed_times_every_part_on_both_sides():
+def _block_speed(*flags):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'block_speed.py'), '--batch=2',
-                        '--tokens=8', '--repeats=1'], env=env, capture_output=True, text=True,
-                       timeout=300)
+  return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'block_speed.py'), '--batch=2',
+                         '--tokens=8', '--repeats=1', *flags], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_block_speed_times_every_part_on_both_sides():
+  out = _block_speed()
   assert out.returncode == 0, out.stderr[-2000:]
   rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
-  assert set(rows) == {'attention', 'mlp', 'layernorm', 'x', 'dy', 'x.T'}, out.stdout
+  assert set(rows) == {'attention', 'mlp', 'layernorm', 'x', 'dy', 'x.T', 'q', 'p'}, out.stdout
   torch_present = importlib.util.find_spec('torch') is not None
   assert all(('torch' in row) == torch_present for row in rows.values()), out.stdout
+
+
+def test_block_speed_times_only_the_parts_asked_for():
+  out = _block_speed('--parts=mlp,products')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert [line.split()[0] for line in out.stdout.splitlines()[1:]] == [
+      'mlp', 'x', 'dy', 'x.T', 'q', 'p'], out.stdout
+  out = _block_speed('--parts=mlp,gemm')
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+      'block_speed.py: error: --parts: unknown gemm; choose from attention, mlp, layernorm, '
+      'products.'), out.stderr
 
 
 def test_trace_breakdown_groups_xla_cpu_operations_when_there_is_no_device(tmp_path):
