@@ -10,6 +10,15 @@ their root (transpose, dynamic-update-slice, reductions, softmax, the rest).
 A CPU trace has no device rows; there the XLA:CPU operations (thunks) on the host threads are
 grouped instead, when traced with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true. XLA:CPU runs
 Eigen's matrix products asynchronously, so part of their time is booked to what runs beside them.
+A library fusion (YNNPACK, oneDNN) is named for the library, not for what it holds: YNNPACK also
+runs reductions. Given the traced program's optimized HLO (`--hlo`, the
+`*.cpu_after_optimizations.txt` that XLA_FLAGS=--xla_dump_to=DIR writes), those without a matrix
+product are counted apart; without it every YNNPACK fusion counts as a GEMM.
+
+  XLA_FLAGS="--xla_cpu_enable_xprof_traceme=true --xla_dump_to=/tmp/dump" \
+      python benchmarks/model_speed.py --models=hvt-s-0 --batch=16 --steps=3 --trace=/tmp/trace
+  python benchmarks/trace_breakdown.py /tmp/trace/plugins/profile/*/perfetto_trace.json.gz \
+      --steps=3 --hlo=/tmp/dump/*jit_train_step.cpu_after_optimizations.txt
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ KINDS = [
     ('LayerNorm and other reductions', r'reduce'),
     ('other elementwise fusions', r''),
 ]
+LIBRARY_REDUCTIONS = 'library fusions without a product (reductions)'
 CPU_KINDS = [
     ('GEMMs (YNNPACK fusions, Eigen dots)', r'^(ynn_fusion|xnn_fusion|dot|dot_general)\b'),
     ('zero-filling loop buffers (broadcast)', r'^wrapped_broadcast'),
@@ -56,10 +66,33 @@ def cpu_operations(trace: dict) -> list[dict]:
   return [e for e in trace['traceEvents'] if e.get('ph') == 'X' and _HLO_NAME.fullmatch(e['name'])]
 
 
-def breakdown(kernels: list[dict], kinds=KINDS) -> collections.Counter:
-  """Microseconds per kind."""
+def library_fusions_without_product(hlo_text: str) -> set[str]:
+  """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) in an optimized HLO
+  module's text whose computation holds no dot or convolution."""
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'%?([\w.-]+) \(.*\{$', line)
+    if header:
+      current = bodies.setdefault(header.group(1), [])
+    elif current is not None:
+      current.append(line)
+  names = set()
+  for line in hlo_text.splitlines():
+    fusion = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = .* fusion\(.*calls=%?([\w.-]+)', line)
+    if fusion and re.search(r'"kind":"__\w+_fusion"', line):
+      body = '\n'.join(bodies.get(fusion.group(2), []))
+      if not re.search(r' (dot|convolution)\(', body):
+        names.add(fusion.group(1))
+  return names
+
+
+def breakdown(kernels: list[dict], kinds=KINDS, reductions: set[str] = frozenset()) -> collections.Counter:
+  """Microseconds per kind; `reductions` names library fusions to count apart from GEMMs."""
   out = collections.Counter()
   for e in kernels:
+    if e['name'] in reductions:
+      out[LIBRARY_REDUCTIONS] += e['dur']
+      continue
     out[next(kind for kind, pattern in kinds if re.search(pattern, e['name']))] += e['dur']
   return out
 
@@ -69,7 +102,17 @@ def main():
   parser.add_argument('trace')
   parser.add_argument('--steps', type=int, default=3, help='train steps in the trace')
   parser.add_argument('--top', type=int, default=0, help='also list the N costliest kernels')
+  parser.add_argument('--hlo', help="CPU: the traced program's optimized HLO text, to count "
+                      'library fusions without a matrix product apart from the GEMMs')
   args = parser.parse_args()
+  reductions = set()
+  if args.hlo:
+    try:
+      with open(args.hlo) as f:
+        reductions = library_fusions_without_product(f.read())
+    except OSError as e:
+      parser.error(f'--hlo: cannot read {args.hlo} ({e.strerror}); pass one '
+                   '*.cpu_after_optimizations.txt from XLA_FLAGS=--xla_dump_to=DIR.')
   with gzip.open(args.trace) if args.trace.endswith('.gz') else open(args.trace) as f:
     trace = json.load(f)
   kernels, kinds, what = device_kernels(trace), KINDS, 'kernels'
@@ -78,7 +121,7 @@ def main():
   if not kernels:
     raise SystemExit(f'{args.trace}: no device kernels and no XLA:CPU operations in this trace; '
                      'on CPU, trace with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true.')
-  kinds = breakdown(kernels, kinds)
+  kinds = breakdown(kernels, kinds, reductions)
   total = sum(kinds.values())
   print(f'{total / args.steps / 1e3:.2f} ms of {what} per step, '
         f'{len(kernels) / args.steps:.0f} {what} per step')

@@ -287,6 +287,56 @@ def test_trace_breakdown_groups_xla_cpu_operations_when_there_is_no_device(tmp_p
                    'copies and transposes': '0.15', 'other elementwise fusions': '0.10'}
 
 
+# The shape of XLA:CPU's optimized HLO text (`--xla_dump_to`): YNNPACK fusions, one holding a
+# matrix product and one a LayerNorm's sum, beside an ordinary loop fusion.
+_HLO = """HloModule jit_train_step, entry_computation_layout={(f32[3136,384]{1,0})->f32[3136,1152]{1,0}}
+
+%fused_computation.7 (param_0.9: f32[3136,384], param_1.19: f32[384,1152]) -> f32[3136,1152] {
+  %param_0.9 = f32[3136,384]{1,0} parameter(0)
+  %param_1.19 = f32[384,1152]{1,0} parameter(1)
+  ROOT %dot_general.130 = f32[3136,1152]{1,0} dot(%param_0.9, %param_1.19), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.9 (param_0.12: f32[16,196,384], param_1.22: f32[]) -> f32[16,196] {
+  %param_0.12 = f32[16,196,384]{2,1,0} parameter(0)
+  %param_1.22 = f32[] parameter(1)
+  ROOT %reduce_sum.382 = f32[16,196]{1,0} reduce(%param_0.12, %param_1.22), dimensions={2}, to_apply=%region_27.85
+}
+
+%fused_computation.12 (param_0.3: f32[3136,1152]) -> f32[3136,1152] {
+  %param_0.3 = f32[3136,1152]{1,0} parameter(0)
+  ROOT %negate.1 = f32[3136,1152]{1,0} negate(%param_0.3)
+}
+
+ENTRY %main.1 (x.1: f32[16,196,384], w.1: f32[384,1152]) -> f32[3136,1152] {
+  %ynn_fusion.9 = f32[16,196]{1,0} fusion(%x.1, %constant.2745), kind=kCustom, calls=%fused_computation.9, metadata={op_name="jit(train_step)/norm1/reduce_sum"}, backend_config={"outer_dimension_partitions":[],"fusion_config":{"kind":"__ynn_fusion"}}
+  %ynn_fusion.7 = f32[3136,1152]{1,0} fusion(%bitcast.1, %w.1), kind=kCustom, calls=%fused_computation.7, backend_config={"outer_dimension_partitions":[],"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %negate_fusion = f32[3136,1152]{1,0} fusion(%ynn_fusion.7), kind=kLoop, calls=%fused_computation.12, backend_config={"outer_dimension_partitions":["2"]}
+}
+"""
+
+
+def test_trace_breakdown_counts_library_fusions_without_a_product_apart_given_the_hlo(tmp_path):
+  op = lambda name, dur: dict(ph='X', pid=1, tid=3, ts=0, dur=dur, name=name)
+  events = [dict(ph='M', pid=1, name='process_name', args={'name': '/host:CPU'}),
+            op('ynn_fusion.7', 3000), op('ynn_fusion.9', 600), op('dot.24', 1000),
+            op('negate_fusion', 400)]
+  hlo = tmp_path / 'module_0006.jit_train_step.cpu_after_optimizations.txt'
+  hlo.write_text(_HLO)
+  rows = lambda out: {l[:50].strip(): l.split()[-3] for l in out.stdout.splitlines()[1:]}
+  out = _trace_breakdown(tmp_path, events, '--steps=2', f'--hlo={hlo}')
+  assert out.returncode == 0, out.stderr
+  assert rows(out) == {'GEMMs (YNNPACK fusions, Eigen dots)': '2.00',
+                       'library fusions without a product (reductions)': '0.30',
+                       'other elementwise fusions': '0.20'}, out.stdout
+  out = _trace_breakdown(tmp_path, events, '--steps=2')  # without the HLO: all of YNNPACK's
+  assert rows(out) == {'GEMMs (YNNPACK fusions, Eigen dots)': '2.30',
+                       'other elementwise fusions': '0.20'}, out.stdout
+  out = _trace_breakdown(tmp_path, events, f'--hlo={tmp_path / "missing.txt"}')
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+      'trace_breakdown.py: error: --hlo: cannot read '), out.stderr
+
+
 def test_trace_breakdown_says_how_to_trace_a_cpu_step(tmp_path):
   out = _trace_breakdown(tmp_path, [dict(ph='X', pid=1, tid=1, ts=0, dur=5, name='$api.py:1 f')])
   assert out.returncode == 1 and out.stdout == ''
