@@ -1,6 +1,7 @@
 """What many tests share: where the checkout is, a tiny model, and running the commands."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -36,3 +37,10 @@ def run_main(workdir, *overrides, check=True, timeout=400, env=None, wait=True):
   """Trains with the tiny config in `workdir`; `overrides` are `--config.<key>=<value>` flags."""
   return run('main', f'--config={TINY_CONFIG}', f'--workdir={workdir}', *overrides, check=check,
              timeout=timeout, env=env, wait=wait)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 free now, for a local multi-process run's coordinator."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

@@ -99,6 +99,35 @@ def test_training_data_with_no_readable_image_is_refused(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+def test_every_process_stops_with_the_reason_when_one_share_has_no_readable_image(tmp_path):
+  """Process 1 reads the odd files of the listing, all unreadable here; process 0 reads images.
+  Process 0 must stop with the reason too, not wait in a collective until it times out."""
+  from tests import helpers
+  root = tmp_path / 'data'
+  rng = np.random.default_rng(0)
+  for split in ('train', 'val'):
+    for name in ('cat', 'dog'):
+      (root / split / name).mkdir(parents=True)
+      for i in range(4):
+        image = tf.io.encode_jpeg(rng.integers(0, 256, (24, 24, 3), np.uint8)).numpy()
+        data = b'saved as .jpg, but text' if split == 'train' and i % 2 else image
+        (root / split / name / f'{i}.jpg').write_bytes(data)
+  port = helpers.free_port()
+  procs = [helpers.run_main(tmp_path / 'run', '--config.data.name=folder',
+                            f'--config.data.data_dir={root}', '--config.data.eval_split=val',
+                            '--config.model.num_classes=2', '--config.batch_size=2',
+                            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                            f'--process_id={i}', wait=False, check=False)
+           for i in range(2)]
+  errors = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]  # stderr in stdout
+  assert [p.returncode for p in procs] == [1, 1], errors
+  reason = (f'of {root} could be decoded: the data must hold JPEG, PNG, GIF, BMP or WebP images '
+            '(training skips a few unreadable ones, not all).')
+  assert errors == [f'main: error: process 1 of 2: none of its first training images {reason}',
+                    f'main: error: process 1 of 2: none of the first 4 training images {reason}']
+  assert not (tmp_path / 'run').exists()
+
+
 def test_the_train_step_counts_skipped_examples():
   config = _config()
   config.model = model_lib.variant('hvt-s-1', **TINY_MODEL)

@@ -1,6 +1,5 @@
 """Sharded training on 8 virtual CPU devices, and two processes training together."""
 import json
-import socket
 import subprocess
 import sys
 
@@ -75,17 +74,11 @@ def test_one_step_on_one_device_equals_eight_and_fsdp():
   assert out['fsdp']['stacked_spec'][0] is None and 'fsdp' in out['fsdp']['stacked_spec']
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_together(tmp_path):
   # Several processes never build a dataset at once; a run prepares it first.
   datasets.ensure_prepared(tiny_config.get_config())
-  port = _free_port()
+  port = helpers.free_port()
   procs = [helpers.run_main(tmp_path, '--config.max_steps=8',
                             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                             f'--process_id={i}', wait=False,

@@ -20,6 +20,7 @@ import math
 from typing import Callable, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -263,10 +264,14 @@ def check_some_decode(source: Source, config: ml_collections.ConfigDict, *,
   probe = source.read(None).take(_PROBE_RECORDS).enumerate().map(
       lambda position, record: augment(tf.constant(0, tf.int64), position, record))
   if not any(True for _ in probe.ignore_errors().take(1)):
-    where = folders.root(config) if config.data.name == folders.NAME else config.data.name
-    raise InputError(f'none of the first {min(source.num_examples, _PROBE_RECORDS)} training '
-                     f'images of {where} could be decoded: the data must hold JPEG, PNG, GIF, '
-                     'BMP or WebP images (training skips a few unreadable ones, not all).')
+    raise InputError(_undecodable(config, f'none of the first '
+                                  f'{min(source.num_examples, _PROBE_RECORDS)} training images'))
+
+
+def _undecodable(config: ml_collections.ConfigDict, which: str) -> str:
+  where = folders.root(config) if config.data.name == folders.NAME else config.data.name
+  return (f'{which} of {where} could be decoded: the data must hold JPEG, PNG, GIF, BMP or WebP '
+          'images (training skips a few unreadable ones, not all).')
 
 
 def fill_skipped(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -367,12 +372,27 @@ class TrainIterator:
 
 def check_train_data(config: ml_collections.ConfigDict, dataset: datasets.Dataset) -> None:
   """`check_some_decode` on this process's share of the train split, so that a run can refuse
-  data it cannot train on before it writes anything."""
+  data it cannot train on before it writes anything.
+
+  With several processes they agree first, so that every one stops with the reason instead of
+  the others waiting in their next collective until it times out.
+  """
   index, count = _processes(None, None)
   source = split_source(config, dataset, config.data.train_split, index, count,
                         first=_PROBE_RECORDS)
-  if source.num_examples:
-    check_some_decode(source, config, process_index=index)
+  try:
+    if source.num_examples:
+      check_some_decode(source, config, process_index=index)
+  except InputError as e:
+    if count == 1:
+      raise
+    multihost_utils.process_allgather(np.int32(1))
+    raise InputError(f'process {index} of {count}: {e}') from None
+  if count > 1:
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(0)))
+    if failed.size:
+      raise InputError(f'process {failed[0]} of {count}: '
+                       + _undecodable(config, 'none of its first training images'))
 
 
 def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int = 0,
