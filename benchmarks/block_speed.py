@@ -102,6 +102,8 @@ def main():
 
       row += f'   torch {1e3 * median_seconds(step, args.repeats):7.1f}'
     print(row)
+  if 'products' not in chosen:
+    return
   # Bare products. The MLP's first layer: forward, input gradient, weight gradient. Attention's
   # batched per-head products, q k^T and p v: XLA:CPU hands these to YNNPACK, which runs a
   # batched product on one thread (README, Speed).
@@ -117,8 +119,6 @@ def main():
               'q @ k.T': (lambda q, k: q @ k.swapaxes(-1, -2), (q, q), per_head),
               'p @ v': (lambda p, v: p @ v, (p, q), per_head)}
   for name, (product, operands, flops) in products.items():
-    if 'products' not in chosen:
-      break
     fn = jax.jit(product)  # arguments, not closed-over constants, which XLA could fold away
     seconds = median_seconds(lambda: jax.block_until_ready(fn(*operands)), args.repeats)
     row = f'{name:<10} jax {flops / seconds / 1e9:7.0f} GFLOP/s'

@@ -86,7 +86,8 @@ def library_fusions_without_product(hlo_text: str) -> set[str]:
   return names
 
 
-def breakdown(kernels: list[dict], kinds=KINDS, reductions: set[str] = frozenset()) -> collections.Counter:
+def breakdown(kernels: list[dict], kinds=KINDS,
+              reductions: set[str] = frozenset()) -> collections.Counter:
   """Microseconds per kind; `reductions` names library fusions to count apart from GEMMs."""
   out = collections.Counter()
   for e in kernels:
