@@ -209,7 +209,7 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
       shuffle_buffer=config.data.shuffle_buffer, repeats=repeats,
       window=max(1, local_batch // repeats))
   augment = _augment_fn(config, process_index)
-  check_some_decode(source, config, process_index=process_index)
+  check_some_decode(source, augment, config)
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
   ds = skip_undecodable(ds, augment, config.model.image_size)
@@ -255,12 +255,11 @@ def _augment_fn(config: ml_collections.ConfigDict, process_index: int) -> Callab
   return augment
 
 
-def check_some_decode(source: Source, config: ml_collections.ConfigDict, *,
-                      process_index: int) -> None:
+def check_some_decode(source: Source, augment: Callable,
+                      config: ml_collections.ConfigDict) -> None:
   """Raises InputError when none of the first `_PROBE_RECORDS` records (in file order) gets
-  through the train transform: skipping every image would leave the train stream waiting
-  forever. Costs one transformed image on readable data."""
-  augment = _augment_fn(config, process_index)
+  through `augment`, the train transform (`_augment_fn`): skipping every image would leave the
+  train stream waiting forever. Costs one transformed image on readable data."""
   probe = source.read(None).take(_PROBE_RECORDS).enumerate().map(
       lambda position, record: augment(tf.constant(0, tf.int64), position, record))
   if not any(True for _ in probe.ignore_errors().take(1)):
@@ -382,7 +381,7 @@ def check_train_data(config: ml_collections.ConfigDict, dataset: datasets.Datase
                         first=_PROBE_RECORDS)
   try:
     if source.num_examples:
-      check_some_decode(source, config, process_index=index)
+      check_some_decode(source, _augment_fn(config, index), config)
   except InputError as e:
     if count == 1:
       raise
