@@ -76,6 +76,20 @@ def test_a_stream_resumed_at_an_unreadable_image_continues_the_same():
                                   images[start:start + BATCH][resumed['ok']])
 
 
+JUNK = b'saved as .jpg, but text'
+
+
+def _folder(root, per_class, data):
+  """An image folder dataset: train/ and val/, classes cat and dog, `per_class` .jpg files
+  each, file i of a split holding data(split, i)."""
+  for split in ('train', 'val'):
+    for name in ('cat', 'dog'):
+      (root / split / name).mkdir(parents=True)
+      for i in range(per_class):
+        (root / split / name / f'{i}.jpg').write_bytes(data(split, i))
+  return root
+
+
 def test_training_data_with_no_readable_image_is_refused(tmp_path):
   junk = input_pipeline.memory_source(np.array([b'not an image'] * N, object), np.zeros(N))
   with pytest.raises(input_pipeline.InputError,
@@ -83,12 +97,7 @@ def test_training_data_with_no_readable_image_is_refused(tmp_path):
     _batches(junk, 1)
   # A run is refused before it writes anything.
   from tests.helpers import run_main
-  root = tmp_path / 'data'
-  for split in ('train', 'val'):
-    for name in ('cat', 'dog'):
-      (root / split / name).mkdir(parents=True)
-      for i in range(3):
-        (root / split / name / f'{i}.jpg').write_bytes(b'saved as .jpg, but text')
+  root = _folder(tmp_path / 'data', 3, lambda split, i: JUNK)
   result = run_main(tmp_path / 'run', '--config.data.name=folder', f'--config.data.data_dir={root}',
                     '--config.data.eval_split=val', '--config.model.num_classes=2',
                     '--config.batch_size=2', check=False)
@@ -103,15 +112,10 @@ def test_every_process_stops_with_the_reason_when_one_share_has_no_readable_imag
   """Process 1 reads the odd files of the listing, all unreadable here; process 0 reads images.
   Process 0 must stop with the reason too, not wait in a collective until it times out."""
   from tests import helpers
-  root = tmp_path / 'data'
   rng = np.random.default_rng(0)
-  for split in ('train', 'val'):
-    for name in ('cat', 'dog'):
-      (root / split / name).mkdir(parents=True)
-      for i in range(4):
-        image = tf.io.encode_jpeg(rng.integers(0, 256, (24, 24, 3), np.uint8)).numpy()
-        data = b'saved as .jpg, but text' if split == 'train' and i % 2 else image
-        (root / split / name / f'{i}.jpg').write_bytes(data)
+  image = lambda: tf.io.encode_jpeg(rng.integers(0, 256, (24, 24, 3), np.uint8)).numpy()
+  root = _folder(tmp_path / 'data', 4,
+                 lambda split, i: JUNK if split == 'train' and i % 2 else image())
   port = helpers.free_port()
   procs = [helpers.run_main(tmp_path / 'run', '--config.data.name=folder',
                             f'--config.data.data_dir={root}', '--config.data.eval_split=val',
