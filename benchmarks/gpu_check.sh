@@ -11,8 +11,9 @@
 # HVT_GPU_CHECK_SECONDS (default 480) bounds the whole run; what finished is always printed.
 # (On an H100: batch 256 with torch.compile for both models ~4 min, the variants ~2 min, so
 # the largest-batch rows get what is left; the slowest, HVT-S-0's, comes last.)
-# With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows and a profiler trace of 3 HVT-S-1 train steps
-# are kept there, and the summary ends with that trace's time per kind of kernel.
+# With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows, a profiler trace of 3 HVT-S-1 train steps and
+# that step's optimized HLO (train_step.hlo.txt: what each fusion in the trace holds) are kept
+# there, and the summary ends with that trace's time per kind of kernel.
 #
 # Phases, in order of importance, each skipped when the time left is too short:
 #   1. cuDNN attention: checked against float32 at even token counts (where 'auto' uses it) and,
@@ -104,6 +105,7 @@ TRACE=()
 run 45 --torch --models=hvt-s-1,hvt-s-0 --batch="$BATCH" --model_kw="$KW" "${TRACE[@]}"
 if [[ -n "$KEEP" && -d "$WORK/trace" ]]; then
   find "$WORK/trace" -name 'perfetto_trace.json.gz' -exec cp {} "$KEEP/" \; -quit
+  cp "$WORK/trace/train_step.hlo.txt" "$KEEP/" 2>/dev/null || true  # the traced step's fusions
 fi
 # 3. What the GPU defaults buy, and what could become one: JAX only, one process.
 VARIANTS=()
@@ -123,5 +125,8 @@ echo "=== gpu_check summary ($((SECONDS)) s) ==="
 "$PY" benchmarks/model_speed.py --table_from="$ROWS"
 if [[ -n "$KEEP" && -f "$KEEP/perfetto_trace.json.gz" ]]; then
   echo "Where a batch-$BATCH HVT-S-1 train step's time goes (the trace kept in $KEEP):"
-  "$PY" benchmarks/trace_breakdown.py "$KEEP/perfetto_trace.json.gz" --steps=3 --top=15 || true
+  HLO=()  # the largest fusions: does XLA:GPU re-fuse the backward's residual sum as XLA:CPU does?
+  [[ -f "$KEEP/train_step.hlo.txt" ]] && HLO=(--hlo="$KEEP/train_step.hlo.txt" --largest=8)
+  "$PY" benchmarks/trace_breakdown.py "$KEEP/perfetto_trace.json.gz" --steps=3 --top=15 "${HLO[@]}" \
+    || true
 fi

@@ -66,7 +66,8 @@ flags.DEFINE_string('table_from', None, 'print the tables of the JSON lines in t
 flags.DEFINE_string('probe_from', None, '--batch=max: take the memory slope from a row of this JSON '
                     'file (same model, dtype and --model_kw) instead of compiling a probe')
 flags.DEFINE_string('trace', None, 'write a jax.profiler trace (Perfetto JSON too) of 3 train steps '
-                    'of the first measurement here')
+                    'of the first measurement here, and the traced step\'s optimized HLO')
+TRACED_HLO = 'train_step.hlo.txt'  # in the --trace dir
 
 # Dense bf16 peak TFLOP/s per chip (vendor data sheets), matched against device_kind in order.
 PEAK_BF16_TFLOPS = [
@@ -400,7 +401,12 @@ def _measure(name: str, dtype: str, variants: list[dict], *, batch: int | None =
       with jax.profiler.trace(FLAGS.trace, create_perfetto_trace=True):
         for _ in range(3):
           jax_side.sync(jax_side.run_train())
-      print(f'  trace of 3 {name} train steps at batch {batch}: {FLAGS.trace}')
+      # The traced program's optimized HLO, whose fusion names the trace's kernels carry
+      # (`trace_breakdown.py --hlo`).
+      with open(os.path.join(FLAGS.trace, TRACED_HLO), 'w') as f:
+        f.write(jax_side.train.as_text())
+      print(f'  trace of 3 {name} train steps at batch {batch}: {FLAGS.trace} '
+            f'(optimized HLO: {TRACED_HLO})')
     gmacs = summary.macs(jax_side.model) / 1e9
     row = {'model': name, 'batch': batch, 'dtype': dtype, 'gmacs': gmacs, 'model_kw': model_kw,
            'compile_s': jax_side.compile_s, 'train_flops': jax_side.train_flops,

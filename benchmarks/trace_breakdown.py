@@ -11,21 +11,25 @@ A CPU trace has no device rows; there the XLA:CPU operations (thunks) on the hos
 grouped instead, when traced with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true. XLA:CPU runs
 Eigen's matrix products asynchronously, so part of their time is booked to what runs beside them.
 A library fusion (YNNPACK, oneDNN) is named for the library, not for what it holds: YNNPACK also
-runs reductions. Given the traced program's optimized HLO (`--hlo`, the
-`*.cpu_after_optimizations.txt` that XLA_FLAGS=--xla_dump_to=DIR writes), those without a matrix
-product are counted apart; without it every YNNPACK fusion counts as a GEMM.
+runs reductions. Given the traced program's optimized HLO (`--hlo`: the `train_step.hlo.txt`
+that `model_speed.py --trace=DIR` writes beside the trace, or a `*.cpu_after_optimizations.txt`
+from XLA_FLAGS=--xla_dump_to=DIR), those without a matrix product are counted apart; without it
+every YNNPACK fusion counts as a GEMM. `--largest=N` lists the HLO's N largest fusions, on any
+device: a backward pass that re-fuses a growing sum into each consumer shows up there.
 
-  XLA_FLAGS="--xla_cpu_enable_xprof_traceme=true --xla_dump_to=/tmp/dump" \
+  XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
       python benchmarks/model_speed.py --models=hvt-s-0 --batch=16 --steps=3 --trace=/tmp/trace
   python benchmarks/trace_breakdown.py /tmp/trace/plugins/profile/*/perfetto_trace.json.gz \
-      --steps=3 --hlo=/tmp/dump/*jit_train_step.cpu_after_optimizations.txt
+      --steps=3 --hlo=/tmp/trace/train_step.hlo.txt
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import gzip
 import json
+import os
 import re
 
 # (kind, pattern on the kernel name), first match wins.
@@ -66,24 +70,34 @@ def cpu_operations(trace: dict) -> list[dict]:
   return [e for e in trace['traceEvents'] if e.get('ph') == 'X' and _HLO_NAME.fullmatch(e['name'])]
 
 
+def fusions(hlo_text: str) -> list[tuple[str, str, int, list[str], str]]:
+  """(name, result type, operand count, its computation's instructions, its line) of every fusion
+  instruction in an optimized HLO module's text."""
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)
+    if header:
+      current = bodies.setdefault(header.group(1), [])
+    elif line.strip() == '}':
+      current = None
+    elif current is not None and line.strip():
+      current.append(line)
+  found = []
+  for line in hlo_text.splitlines():
+    fusion = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) fusion\((.*?)\), kind=.*calls=%?([\w.-]+)',
+                      line)
+    if fusion:
+      operands = len([o for o in fusion.group(3).split(',') if o.strip()])
+      found.append((fusion.group(1), fusion.group(2), operands, bodies.get(fusion.group(4), []), line))
+  return found
+
+
 def library_fusions_without_product(hlo_text: str) -> set[str]:
   """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) in an optimized HLO
   module's text whose computation holds no dot or convolution."""
-  bodies, current = {}, None
-  for line in hlo_text.splitlines():
-    header = re.match(r'%?([\w.-]+) \(.*\{$', line)
-    if header:
-      current = bodies.setdefault(header.group(1), [])
-    elif current is not None:
-      current.append(line)
-  names = set()
-  for line in hlo_text.splitlines():
-    fusion = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = .* fusion\(.*calls=%?([\w.-]+)', line)
-    if fusion and re.search(r'"kind":"__\w+_fusion"', line):
-      body = '\n'.join(bodies.get(fusion.group(2), []))
-      if not re.search(r' (dot|convolution)\(', body):
-        names.add(fusion.group(1))
-  return names
+  return {name for name, _, _, body, line in fusions(hlo_text)
+          if re.search(r'"kind":"__\w+_fusion"', line)
+          and not re.search(r' (dot|convolution)\(', '\n'.join(body))}
 
 
 def breakdown(kernels: list[dict], kinds=KINDS,
@@ -103,17 +117,32 @@ def main():
   parser.add_argument('trace')
   parser.add_argument('--steps', type=int, default=3, help='train steps in the trace')
   parser.add_argument('--top', type=int, default=0, help='also list the N costliest kernels')
-  parser.add_argument('--hlo', help="CPU: the traced program's optimized HLO text, to count "
-                      'library fusions without a matrix product apart from the GEMMs')
+  parser.add_argument('--hlo', help="the traced program's optimized HLO text, a path or a pattern "
+                      'matching one file; on CPU, library fusions without a matrix product are '
+                      'then counted apart from the GEMMs')
+  parser.add_argument('--largest', type=int, default=0,
+                      help="with --hlo: also list the HLO's N largest fusions (instructions, "
+                      'operands)')
   args = parser.parse_args()
-  reductions = set()
+  if args.largest and not args.hlo:
+    parser.error('--largest lists fusions of the HLO: pass --hlo too.')
+  reductions, hlo_text = set(), ''
   if args.hlo:
+    hlo = args.hlo
+    # The shell leaves a pattern after `--hlo=` unexpanded, and a dump dir names its files by
+    # module number: take the pattern when it names one file.
+    found = [hlo] if os.path.exists(hlo) else sorted(glob.glob(hlo))
+    if len(found) > 1:
+      parser.error(f'--hlo: {hlo} matches {len(found)} files ({", ".join(found[:3])}'
+                   f'{", ..." if len(found) > 3 else ""}); pass one.')
     try:
-      with open(args.hlo) as f:
-        reductions = library_fusions_without_product(f.read())
+      with open(found[0] if found else hlo) as f:
+        hlo_text = f.read()
+      reductions = library_fusions_without_product(hlo_text)
     except OSError as e:
-      parser.error(f'--hlo: cannot read {args.hlo} ({e.strerror}); pass one '
-                   '*.cpu_after_optimizations.txt from XLA_FLAGS=--xla_dump_to=DIR.')
+      parser.error(f'--hlo: cannot read {hlo} ({e.strerror}); pass the train_step.hlo.txt that '
+                   'model_speed.py --trace=DIR writes, or one *.cpu_after_optimizations.txt from '
+                   'XLA_FLAGS=--xla_dump_to=DIR.')
   with gzip.open(args.trace) if args.trace.endswith('.gz') else open(args.trace) as f:
     trace = json.load(f)
   kernels, kinds, what = device_kernels(trace), KINDS, 'kernels'
@@ -134,6 +163,11 @@ def main():
       by_name[e['name']] += e['dur']
     for name, us in by_name.most_common(args.top):
       print(f'  {us / args.steps / 1e3:7.2f} ms  {name[:100]}')
+  if args.largest:
+    print(f'The {args.largest} largest fusions of the HLO: instructions, operands, result, name')
+    largest = sorted(fusions(hlo_text), key=lambda f: len(f[3]), reverse=True)[:args.largest]
+    for name, result, operands, body, _ in largest:
+      print(f'  {len(body):6d} {operands:5d}  {result[:40]:<40}  {name}')
 
 
 if __name__ == '__main__':

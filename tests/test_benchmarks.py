@@ -329,12 +329,58 @@ def test_trace_breakdown_counts_library_fusions_without_a_product_apart_given_th
   assert rows(out) == {'GEMMs (YNNPACK fusions, Eigen dots)': '2.00',
                        'library fusions without a product (reductions)': '0.30',
                        'other elementwise fusions': '0.20'}, out.stdout
+  # A pattern the shell left unexpanded (`--hlo=DIR/*jit_train_step...`) names the same file.
+  pattern = f'--hlo={tmp_path}/*jit_train_step.cpu_after_optimizations.txt'
+  out = _trace_breakdown(tmp_path, events, '--steps=2', pattern)
+  assert out.returncode == 0 and rows(out)[
+      'library fusions without a product (reductions)'] == '0.30', out.stdout + out.stderr
+  second = tmp_path / 'module_0009.jit_train_step.cpu_after_optimizations.txt'
+  second.write_text(_HLO)
+  out = _trace_breakdown(tmp_path, events, pattern)
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+      f'matches 2 files ({hlo}, {second}); pass one.'), out.stderr
   out = _trace_breakdown(tmp_path, events, '--steps=2')  # without the HLO: all of YNNPACK's
   assert rows(out) == {'GEMMs (YNNPACK fusions, Eigen dots)': '2.30',
                        'other elementwise fusions': '0.20'}, out.stdout
   out = _trace_breakdown(tmp_path, events, f'--hlo={tmp_path / "missing.txt"}')
   assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
       'trace_breakdown.py: error: --hlo: cannot read '), out.stderr
+
+
+def test_trace_breakdown_lists_the_largest_fusions_of_the_hlo(tmp_path):
+  events = [dict(ph='M', pid=1, name='process_name', args={'name': '/host:CPU'}),
+            dict(ph='X', pid=1, tid=3, ts=0, dur=100, name='negate_fusion')]
+  hlo = tmp_path / 'train_step.hlo.txt'
+  hlo.write_text(_HLO)
+  out = _trace_breakdown(tmp_path, events, f'--hlo={hlo}', '--largest=2')
+  assert out.returncode == 0, out.stderr
+  listed = out.stdout.split('The 2 largest fusions of the HLO: instructions, operands, result, '
+                            'name\n')[1].splitlines()
+  # Instructions of the fused computation (parameters included) and the fusion's operands.
+  assert [line.split() for line in listed] == [['3', '2', 'f32[16,196]{1,0}', 'ynn_fusion.9'],
+                                               ['3', '2', 'f32[3136,1152]{1,0}', 'ynn_fusion.7']]
+  out = _trace_breakdown(tmp_path, events, '--largest=2')
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
+      '--largest lists fusions of the HLO: pass --hlo too.'), out.stderr
+
+
+def test_model_speed_keeps_the_traced_steps_hlo_and_trace_breakdown_reads_both(tmp_path):
+  trace = tmp_path / 'trace'
+  env = dict(os.environ, XLA_FLAGS='--xla_cpu_enable_xprof_traceme=true', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'model_speed.py'), '--models=hvt-s-1',
+                        '--batch=2', '--steps=1', '--repeats=1', f'--trace={trace}',
+                        '--model_kw=depth=2,image_size=32,patch_size=16'],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'{trace} (optimized HLO: train_step.hlo.txt)' in out.stdout
+  perfetto, = trace.glob('plugins/profile/*/perfetto_trace.json.gz')
+  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(perfetto),
+                        '--steps=3', f'--hlo={trace / "train_step.hlo.txt"}'],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  # The reductions YNNPACK runs are told apart only when the HLO's fusion names are the trace's.
+  rows = {line[:50].strip(): float(line.split()[-3]) for line in out.stdout.splitlines()[1:]}
+  assert rows['library fusions without a product (reductions)'] > 0, out.stdout
 
 
 def test_trace_breakdown_says_how_to_trace_a_cpu_step(tmp_path):
