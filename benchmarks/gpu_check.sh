@@ -13,7 +13,8 @@
 # the largest-batch rows get what is left; the slowest, HVT-S-0's, comes last.)
 # With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows, a profiler trace of 3 HVT-S-1 train steps and
 # that step's optimized HLO (train_step.hlo.txt: what each fusion in the trace holds) are kept
-# there, and the summary ends with that trace's time per kind of kernel.
+# there, and the summary ends with that trace's time per kind of kernel and the step's eight
+# largest fusions.
 #
 # Phases, in order of importance, each skipped when the time left is too short:
 #   1. cuDNN attention: checked against float32 at even token counts (where 'auto' uses it) and,
@@ -35,6 +36,7 @@ KEEP=${HVT_GPU_CHECK_OUT:-}
 trap '[[ -n "$KEEP" ]] && cp "$WORK"/rows.jsonl "$KEEP"/ 2>/dev/null; rm -rf "$WORK"' EXIT
 if [[ -n "$KEEP" ]]; then
   mkdir -p "$KEEP"
+  rm -f "$KEEP"/{perfetto_trace.json.gz,train_step.hlo.txt}  # never a trace of an earlier run
   exec > >(tee "$KEEP/gpu_check.log") 2>&1
 fi
 

@@ -509,6 +509,8 @@ def main(argv):
   variants = [parse_model_kw(text) for text in FLAGS.model_kw or ['']]
   if 'max' in FLAGS.batch and len(variants) > 1:
     raise app.UsageError('--batch=max takes one --model_kw')
+  if FLAGS.trace and os.path.exists(FLAGS.trace):  # an older trace would pass for this one
+    raise app.UsageError(f'--trace: {FLAGS.trace} exists; pass a new directory.')
   cache = 'on' if jax.config.jax_compilation_cache_dir else 'off'
   print(f'jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}), '
         f'host {platform.processor() or platform.machine()} with {os.cpu_count()} cores; '

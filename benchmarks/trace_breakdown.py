@@ -1,6 +1,7 @@
 """Where a traced train step's device time goes: kernel time per step, by kind of kernel.
 
   python benchmarks/trace_breakdown.py perfetto_trace.json.gz --steps=3 [--top=20]
+      [--hlo=train_step.hlo.txt [--largest=8]]
 
 Reads the Perfetto JSON that `jax.profiler.trace(..., create_perfetto_trace=True)` writes
 (`model_speed.py --trace=DIR`, kept by `gpu_check.sh` under HVT_GPU_CHECK_OUT). Kernels are
@@ -72,30 +73,28 @@ def cpu_operations(trace: dict) -> list[dict]:
 
 def fusions(hlo_text: str) -> list[tuple[str, str, int, list[str], str]]:
   """(name, result type, operand count, its computation's instructions, its line) of every fusion
-  instruction in an optimized HLO module's text."""
+  that runs as a kernel in an optimized HLO module's text (not those nested in another fusion)."""
   bodies, current = {}, None
   for line in hlo_text.splitlines():
-    header = re.match(r'(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)
+    header = re.match(r'(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)  # a computation opens
     if header:
       current = bodies.setdefault(header.group(1), [])
     elif line.strip() == '}':
       current = None
     elif current is not None and line.strip():
       current.append(line)
-  found = []
-  for line in hlo_text.splitlines():
-    fusion = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) fusion\((.*?)\), kind=.*calls=%?([\w.-]+)',
-                      line)
-    if fusion:
-      operands = len([o for o in fusion.group(3).split(',') if o.strip()])
-      found.append((fusion.group(1), fusion.group(2), operands, bodies.get(fusion.group(4), []), line))
-  return found
+  pattern = re.compile(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) fusion\((.*?)\), kind=.*calls=%?([\w.-]+)')
+  calls = {name: [m for m in map(pattern.match, body) if m] for name, body in bodies.items()}
+  nested = {m.group(4) for found in calls.values() for m in found}
+  return [(m.group(1), m.group(2), len([o for o in m.group(3).split(',') if o.strip()]),
+           bodies.get(m.group(4), []), m.string)
+          for name, found in calls.items() if name not in nested for m in found]
 
 
-def library_fusions_without_product(hlo_text: str) -> set[str]:
-  """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) in an optimized HLO
-  module's text whose computation holds no dot or convolution."""
-  return {name for name, _, _, body, line in fusions(hlo_text)
+def library_fusions_without_product(found) -> set[str]:
+  """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) among `fusions`'s
+  whose computation holds no dot or convolution: on CPU, YNNPACK's reductions."""
+  return {name for name, _, _, body, line in found
           if re.search(r'"kind":"__\w+_fusion"', line)
           and not re.search(r' (dot|convolution)\(', '\n'.join(body))}
 
@@ -126,7 +125,7 @@ def main():
   args = parser.parse_args()
   if args.largest and not args.hlo:
     parser.error('--largest lists fusions of the HLO: pass --hlo too.')
-  reductions, hlo_text = set(), ''
+  found_fusions = []
   if args.hlo:
     hlo = args.hlo
     # The shell leaves a pattern after `--hlo=` unexpanded, and a dump dir names its files by
@@ -137,8 +136,7 @@ def main():
                    f'{", ..." if len(found) > 3 else ""}); pass one.')
     try:
       with open(found[0] if found else hlo) as f:
-        hlo_text = f.read()
-      reductions = library_fusions_without_product(hlo_text)
+        found_fusions = fusions(f.read())
     except OSError as e:
       parser.error(f'--hlo: cannot read {hlo} ({e.strerror}); pass the train_step.hlo.txt that '
                    'model_speed.py --trace=DIR writes, or one *.cpu_after_optimizations.txt from '
@@ -146,8 +144,10 @@ def main():
   with gzip.open(args.trace) if args.trace.endswith('.gz') else open(args.trace) as f:
     trace = json.load(f)
   kernels, kinds, what = device_kernels(trace), KINDS, 'kernels'
+  reductions = set()
   if not kernels:
     kernels, kinds, what = cpu_operations(trace), CPU_KINDS, 'XLA:CPU operations'
+    reductions = library_fusions_without_product(found_fusions)
   if not kernels:
     raise SystemExit(f'{args.trace}: no device kernels and no XLA:CPU operations in this trace; '
                      'on CPU, trace with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true.')
@@ -165,7 +165,7 @@ def main():
       print(f'  {us / args.steps / 1e3:7.2f} ms  {name[:100]}')
   if args.largest:
     print(f'The {args.largest} largest fusions of the HLO: instructions, operands, result, name')
-    largest = sorted(fusions(hlo_text), key=lambda f: len(f[3]), reverse=True)[:args.largest]
+    largest = sorted(found_fusions, key=lambda f: len(f[3]), reverse=True)[:args.largest]
     for name, result, operands, body, _ in largest:
       print(f'  {len(body):6d} {operands:5d}  {result[:40]:<40}  {name}')
 

@@ -121,8 +121,10 @@ sys.meta_path[:] = [_PathFinderWithout if f is importlib.machinery.PathFinder el
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collections(tmp_path):
   (tmp_path / 'sitecustomize.py').write_text(_SITECUSTOMIZE)
+  kept = tmp_path / 'kept'
   env = dict(os.environ, HVT_SMOKE='1', PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu',
-             PYTHON=sys.executable)
+             PYTHON=sys.executable, HVT_GPU_CHECK_OUT=str(kept),
+             XLA_FLAGS='--xla_cpu_enable_xprof_traceme=true')
   out = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_check.sh')], env=env,
                        capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -132,6 +134,10 @@ def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collec
     rows = [line for line in summary.splitlines() if line.startswith(f'| {model} |')]
     assert len(rows) == 2, summary  # batch 4 and the largest batch
     assert all('n/a' not in row for row in rows), summary  # both sides measured
+  # HVT_GPU_CHECK_OUT keeps the trace and the traced step's HLO, and the summary reads both.
+  assert {'gpu_check.log', 'rows.jsonl', 'perfetto_trace.json.gz', 'train_step.hlo.txt'} <= {
+      p.name for p in kept.iterdir()}
+  assert 'The 8 largest fusions of the HLO: instructions, operands, result, name' in summary, summary
 
 
 def _model_speed(*args) -> subprocess.CompletedProcess:
@@ -144,6 +150,12 @@ def test_model_speed_rejects_an_unknown_model_field_in_one_line():
   out = _model_speed('--models=hvt-s-1', '--model_kw=no_such_field=1')
   assert out.returncode != 0
   assert 'no_such_field' in out.stderr and 'Traceback' not in out.stderr
+
+
+def test_model_speed_refuses_to_trace_into_an_existing_directory(tmp_path):
+  out = _model_speed('--models=hvt-s-1', f'--trace={tmp_path}')
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert f'--trace: {tmp_path} exists; pass a new directory.' in out.stderr, out.stderr
 
 
 def test_model_speed_refuses_variants_at_the_largest_batch():
@@ -347,18 +359,87 @@ def test_trace_breakdown_counts_library_fusions_without_a_product_apart_given_th
       'trace_breakdown.py: error: --hlo: cannot read '), out.stderr
 
 
+# Shapes of real XLA text: a multi-output fusion (tuple result, `/*index=5*/` among its operands)
+# holding a nested fusion, and a library fusion without a product just before an ENTRY that
+# holds a product of its own.
+_HLO_SHAPES = """HloModule jit_train_step
+
+%fused_computation.1 (param_0.1: f32[8]) -> f32[8] {
+  %param_0.1 = f32[8]{0} parameter(0)
+  ROOT %negate.1 = f32[8]{0} negate(%param_0.1)
+}
+
+%fused_computation.2 (param_0.2: f32[8]) -> f32[8] {
+  %param_0.2 = f32[8]{0} parameter(0)
+  %exp.1 = f32[8]{0} exponential(%param_0.2)
+  %exp.2 = f32[8]{0} exponential(%exp.1)
+  %exp.3 = f32[8]{0} exponential(%exp.2)
+  %exp.4 = f32[8]{0} exponential(%exp.3)
+  %exp.5 = f32[8]{0} exponential(%exp.4)
+  %exp.6 = f32[8]{0} exponential(%exp.5)
+  ROOT %exp.7 = f32[8]{0} exponential(%exp.6)
+}
+
+%fused_computation.3 (p0: f32[8], p1: f32[8], p2: f32[8], p3: f32[8], p4: f32[8], p5: f32[8]) -> (f32[8], f32[8]) {
+  %p0 = f32[8]{0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  %p2 = f32[8]{0} parameter(2)
+  %p3 = f32[8]{0} parameter(3)
+  %p4 = f32[8]{0} parameter(4)
+  %p5 = f32[8]{0} parameter(5)
+  %inner = f32[8]{0} fusion(%p5), kind=kLoop, calls=%fused_computation.2
+  %add.1 = f32[8]{0} add(%p0, %inner)
+  ROOT %tuple.1 = (f32[8]{0}, f32[8]{0}) tuple(%add.1, %p1)
+}
+
+%fused_computation.4 (param_0.4: f32[8,8], param_1.4: f32[]) -> f32[8] {
+  %param_0.4 = f32[8,8]{1,0} parameter(0)
+  %param_1.4 = f32[] parameter(1)
+  ROOT %reduce.1 = f32[8]{0} reduce(%param_0.4, %param_1.4), dimensions={1}, to_apply=%region_0.1
+}
+
+ENTRY %main.1 (x.1: f32[8,8]) -> f32[8,8] {
+  %x.1 = f32[8,8]{1,0} parameter(0)
+  %negate_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%fused_computation.1
+  %multi_fusion = (f32[8]{0}, f32[8]{0}) fusion(%a, %b, %c, %d, %e, /*index=5*/%negate_fusion), kind=kLoop, calls=%fused_computation.3
+  %ynn_fusion.1 = f32[8]{0} fusion(%x.1, %zero), kind=kCustom, calls=%fused_computation.4, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %dot.1 = f32[8,8]{1,0} dot(%x.1, %x.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def _load_trace_breakdown():
+  spec = importlib.util.spec_from_file_location('trace_breakdown',
+                                                REPO / 'benchmarks' / 'trace_breakdown.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_trace_breakdown_reads_the_fusions_of_real_hlo_text():
+  tb = _load_trace_breakdown()
+  found = {name: (result, operands, len(body)) for name, result, operands, body, _ in
+           tb.fusions(_HLO_SHAPES)}
+  # Instructions of the fused computation (parameters included) and the fusion's operands; the
+  # fusion nested in another is not a kernel of its own.
+  assert found == {'negate_fusion': ('f32[8]{0}', 1, 2),
+                   'multi_fusion': ('(f32[8]{0}, f32[8]{0})', 6, 9),
+                   'ynn_fusion.1': ('f32[8]{0}', 2, 3)}
+  # Its computation ends at its `}`: ENTRY's product is not the library fusion's.
+  assert tb.library_fusions_without_product(tb.fusions(_HLO_SHAPES)) == {'ynn_fusion.1'}
+
+
 def test_trace_breakdown_lists_the_largest_fusions_of_the_hlo(tmp_path):
   events = [dict(ph='M', pid=1, name='process_name', args={'name': '/host:CPU'}),
             dict(ph='X', pid=1, tid=3, ts=0, dur=100, name='negate_fusion')]
   hlo = tmp_path / 'train_step.hlo.txt'
-  hlo.write_text(_HLO)
+  hlo.write_text(_HLO_SHAPES)
   out = _trace_breakdown(tmp_path, events, f'--hlo={hlo}', '--largest=2')
   assert out.returncode == 0, out.stderr
   listed = out.stdout.split('The 2 largest fusions of the HLO: instructions, operands, result, '
                             'name\n')[1].splitlines()
-  # Instructions of the fused computation (parameters included) and the fusion's operands.
-  assert [line.split() for line in listed] == [['3', '2', 'f32[16,196]{1,0}', 'ynn_fusion.9'],
-                                               ['3', '2', 'f32[3136,1152]{1,0}', 'ynn_fusion.7']]
+  assert [line.split() for line in listed] == [
+      ['9', '6', '(f32[8]{0},', 'f32[8]{0})', 'multi_fusion'], ['3', '2', 'f32[8]{0}', 'ynn_fusion.1']]
   out = _trace_breakdown(tmp_path, events, '--largest=2')
   assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith(
       '--largest lists fusions of the HLO: pass --hlo too.'), out.stderr
