@@ -31,6 +31,9 @@ except ImportError:
   torch = None
 
 
+PARTS = ('attention', 'mlp', 'layernorm', 'products')  # what --parts can choose
+
+
 def median_seconds(fn, repeats: int) -> float:
   fn(), fn()
   times = []
@@ -47,14 +50,13 @@ def main():
   parser.add_argument('--tokens', type=int, default=196)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--parts', default='attention,mlp,layernorm,products',
+  parser.add_argument('--parts', default=','.join(PARTS),
                       help='comma-separated: which of the layers and the bare products to time')
   args = parser.parse_args()
   chosen = args.parts.split(',')
-  unknown = set(chosen) - {'attention', 'mlp', 'layernorm', 'products'}
+  unknown = set(chosen) - set(PARTS)
   if unknown:
-    parser.error(f'--parts: unknown {", ".join(sorted(unknown))}; '
-                 'choose from attention, mlp, layernorm, products.')
+    parser.error(f'--parts: unknown {", ".join(sorted(unknown))}; choose from {", ".join(PARTS)}.')
   b, n, width, heads = args.batch, args.tokens, 384, 6
   dtype = jnp.dtype(args.dtype)
   x = jax.random.normal(jax.random.key(0), (b, n, width), dtype)

@@ -32,6 +32,7 @@ import gzip
 import json
 import os
 import re
+from typing import NamedTuple
 
 # (kind, pattern on the kernel name), first match wins.
 KINDS = [
@@ -71,9 +72,17 @@ def cpu_operations(trace: dict) -> list[dict]:
   return [e for e in trace['traceEvents'] if e.get('ph') == 'X' and _HLO_NAME.fullmatch(e['name'])]
 
 
-def fusions(hlo_text: str) -> list[tuple[str, str, int, list[str], str]]:
-  """(name, result type, operand count, its computation's instructions, its line) of every fusion
-  that runs as a kernel in an optimized HLO module's text (not those nested in another fusion)."""
+class Fusion(NamedTuple):
+  name: str
+  result: str  # its result type
+  operands: int
+  body: list[str]  # the instructions of its computation
+  line: str  # the fusion instruction itself
+
+
+def fusions(hlo_text: str) -> list[Fusion]:
+  """Every fusion that runs as a kernel in an optimized HLO module's text (not those nested in
+  another fusion)."""
   bodies, current = {}, None
   for line in hlo_text.splitlines():
     header = re.match(r'(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)  # a computation opens
@@ -86,17 +95,16 @@ def fusions(hlo_text: str) -> list[tuple[str, str, int, list[str], str]]:
   pattern = re.compile(r'\s*(?:ROOT )?%?([\w.-]+) = (.*?) fusion\((.*?)\), kind=.*calls=%?([\w.-]+)')
   calls = {name: [m for m in map(pattern.match, body) if m] for name, body in bodies.items()}
   nested = {m.group(4) for found in calls.values() for m in found}
-  return [(m.group(1), m.group(2), len([o for o in m.group(3).split(',') if o.strip()]),
-           bodies.get(m.group(4), []), m.string)
+  return [Fusion(m.group(1), m.group(2), len([o for o in m.group(3).split(',') if o.strip()]),
+                 bodies.get(m.group(4), []), m.string)
           for name, found in calls.items() if name not in nested for m in found]
 
 
-def library_fusions_without_product(found) -> set[str]:
-  """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) among `fusions`'s
-  whose computation holds no dot or convolution: on CPU, YNNPACK's reductions."""
-  return {name for name, _, _, body, line in found
-          if re.search(r'"kind":"__\w+_fusion"', line)
-          and not re.search(r' (dot|convolution)\(', '\n'.join(body))}
+def library_fusions_without_product(found: list[Fusion]) -> set[str]:
+  """Names of the library fusions (kind __ynn_fusion, __onednn_fusion, ...) among `found` whose
+  computation holds no dot or convolution: on CPU, YNNPACK's reductions."""
+  return {f.name for f in found if re.search(r'"kind":"__\w+_fusion"', f.line)
+          and not re.search(r' (dot|convolution)\(', '\n'.join(f.body))}
 
 
 def breakdown(kernels: list[dict], kinds=KINDS,
@@ -165,9 +173,8 @@ def main():
       print(f'  {us / args.steps / 1e3:7.2f} ms  {name[:100]}')
   if args.largest:
     print(f'The {args.largest} largest fusions of the HLO: instructions, operands, result, name')
-    largest = sorted(found_fusions, key=lambda f: len(f[3]), reverse=True)[:args.largest]
-    for name, result, operands, body, _ in largest:
-      print(f'  {len(body):6d} {operands:5d}  {result[:40]:<40}  {name}')
+    for f in sorted(found_fusions, key=lambda f: len(f.body), reverse=True)[:args.largest]:
+      print(f'  {len(f.body):6d} {f.operands:5d}  {f.result[:40]:<40}  {f.name}')
 
 
 if __name__ == '__main__':

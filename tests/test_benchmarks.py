@@ -140,8 +140,16 @@ def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collec
   assert 'The 8 largest fusions of the HLO: instructions, operands, result, name' in summary, summary
 
 
-def _model_speed(*args) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+def _load_benchmark(name: str):
+  """benchmarks/`name`.py as a module, to call its functions."""
+  spec = importlib.util.spec_from_file_location(name, REPO / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _model_speed(*args, **env) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', **env)
   return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'model_speed.py'), *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -167,9 +175,7 @@ def test_model_speed_refuses_variants_at_the_largest_batch():
 def test_model_speed_times_steady_calls_one_untimed_call_after_the_other_side():
   """Sides alternate; each timing starts with one untimed call, as the first call after the other
   side ran pays for the memory that side left behind (README, Against PyTorch)."""
-  spec = importlib.util.spec_from_file_location('model_speed', REPO / 'benchmarks' / 'model_speed.py')
-  model_speed = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(model_speed)
+  model_speed = _load_benchmark('model_speed')
   log = []
 
   class Side:
@@ -227,8 +233,12 @@ def _trace_breakdown(tmp_path, events, *args):
   trace = tmp_path / 'perfetto_trace.json.gz'
   with gzip.open(trace, 'wt') as f:
     json.dump({'traceEvents': events}, f)
+  return _run_trace_breakdown(trace, *args)
+
+
+def _run_trace_breakdown(trace, *args, timeout=60):
   return subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(trace),
-                         *args], capture_output=True, text=True, timeout=60)
+                         *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_trace_breakdown_groups_a_devices_kernels_per_step(tmp_path):
@@ -408,18 +418,9 @@ ENTRY %main.1 (x.1: f32[8,8]) -> f32[8,8] {
 """
 
 
-def _load_trace_breakdown():
-  spec = importlib.util.spec_from_file_location('trace_breakdown',
-                                                REPO / 'benchmarks' / 'trace_breakdown.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_trace_breakdown_reads_the_fusions_of_real_hlo_text():
-  tb = _load_trace_breakdown()
-  found = {name: (result, operands, len(body)) for name, result, operands, body, _ in
-           tb.fusions(_HLO_SHAPES)}
+  tb = _load_benchmark('trace_breakdown')
+  found = {f.name: (f.result, f.operands, len(f.body)) for f in tb.fusions(_HLO_SHAPES)}
   # Instructions of the fused computation (parameters included) and the fusion's operands; the
   # fusion nested in another is not a kernel of its own.
   assert found == {'negate_fusion': ('f32[8]{0}', 1, 2),
@@ -447,17 +448,14 @@ def test_trace_breakdown_lists_the_largest_fusions_of_the_hlo(tmp_path):
 
 def test_model_speed_keeps_the_traced_steps_hlo_and_trace_breakdown_reads_both(tmp_path):
   trace = tmp_path / 'trace'
-  env = dict(os.environ, XLA_FLAGS='--xla_cpu_enable_xprof_traceme=true', JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'model_speed.py'), '--models=hvt-s-1',
-                        '--batch=2', '--steps=1', '--repeats=1', f'--trace={trace}',
-                        '--model_kw=depth=2,image_size=32,patch_size=16'],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  out = _model_speed('--models=hvt-s-1', '--batch=2', '--steps=1', '--repeats=1', f'--trace={trace}',
+                     '--model_kw=depth=2,image_size=32,patch_size=16',
+                     XLA_FLAGS='--xla_cpu_enable_xprof_traceme=true')
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'{trace} (optimized HLO: train_step.hlo.txt)' in out.stdout
   perfetto, = trace.glob('plugins/profile/*/perfetto_trace.json.gz')
-  out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'trace_breakdown.py'), str(perfetto),
-                        '--steps=3', f'--hlo={trace / "train_step.hlo.txt"}'],
-                       capture_output=True, text=True, timeout=120)
+  out = _run_trace_breakdown(perfetto, '--steps=3', f'--hlo={trace / "train_step.hlo.txt"}',
+                             timeout=120)
   assert out.returncode == 0, out.stderr
   # The reductions YNNPACK runs are told apart only when the HLO's fusion names are the trace's.
   rows = {line[:50].strip(): float(line.split()[-3]) for line in out.stdout.splitlines()[1:]}

@@ -379,16 +379,18 @@ def check_train_data(config: ml_collections.ConfigDict, dataset: datasets.Datase
   index, count = _processes(None, None)
   source = split_source(config, dataset, config.data.train_split, index, count,
                         first=_PROBE_RECORDS)
+  error = None
   try:
     if source.num_examples:
       check_some_decode(source, _augment_fn(config, index), config)
   except InputError as e:
     if count == 1:
       raise
-    multihost_utils.process_allgather(np.int32(1))
-    raise InputError(f'process {index} of {count}: {e}') from None
+    error = e
   if count > 1:
-    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(0)))
+    failed = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+      raise InputError(f'process {index} of {count}: {error}') from None
     if failed.size:
       raise InputError(f'process {failed[0]} of {count}: '
                        + _undecodable(config, 'none of its first training images'))
