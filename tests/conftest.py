@@ -6,6 +6,9 @@ import pytest
 from tests.helpers import REPO
 
 FIXTURES = REPO.parent / 'shared' / 'fixtures'
+# The tiny official-layout checkpoint and the official model's logits for it, carried in the repo so
+# that every clone checks the converter against the official architecture.
+TINY_FIXTURE = REPO / 'tests' / 'fixtures' / 'hvt_tiny_official_layout'
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -23,7 +26,15 @@ def data_and_compile_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def tiny_official_fixture():
+  """A full official training checkpoint (1 head x 64, depth 4, pooling every 2 blocks, 64x64
+  images, 10 classes; random weights) and the official model's logits for three images."""
+  return TINY_FIXTURE.with_suffix('.pth'), TINY_FIXTURE.with_suffix('.npz')
+
+
+@pytest.fixture
 def official_fixture():
+  """The larger HVT-Ti-1 fixture, beside developer and CI checkouts only."""
   pth = FIXTURES / 'hvt_ti_1_official_layout.pth'
   npz = FIXTURES / 'hvt_ti_1_official_layout.npz'
   if not (pth.exists() and npz.exists()):

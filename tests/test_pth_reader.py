@@ -1,5 +1,6 @@
 """The .pth reader against files that lie: every view must fit its storage, memory stays
 bounded by the file's size, and a real torch.save file still reads exactly."""
+import argparse
 import zipfile
 
 import numpy as np
@@ -88,6 +89,18 @@ def test_a_real_torch_checkpoint_with_shared_storage_still_reads(tmp_path):
   for name, tensor in saved['model'].items():
     np.testing.assert_array_equal(got['model'][name], tensor.numpy(), err_msg=name)
     assert got['model'][name].dtype == tensor.numpy().dtype
+
+
+def test_a_full_official_training_checkpoint_reads(tiny_official_fixture):
+  """Every part of the official release layout, the argparse Namespace of `args` included."""
+  pth, _ = tiny_official_fixture
+  ck = pth_reader.load(str(pth))
+  assert set(ck) == {'model', 'optimizer', 'lr_scheduler', 'epoch', 'scaler', 'args'}
+  assert isinstance(ck['args'], argparse.Namespace) and isinstance(ck['epoch'], int)
+  sd = ck['model']
+  assert sd['patch_embed.proj.weight'].shape == (64, 3, 16, 16)
+  assert sd['blocks.0.pos_embed'].shape == (1, 7, 64) and sd['blocks.2.pos_embed'].shape == (1, 3, 64)
+  assert sd['head.weight'].dtype == np.float32 and np.isfinite(sd['head.weight']).all()
 
 
 def test_the_official_fixture_still_reads(official_fixture):
