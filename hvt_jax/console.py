@@ -35,11 +35,17 @@ def _duration(seconds: float) -> str:
 
 
 def train_line(step: int, total: int, scalars: dict, eta: float | None) -> str:
-  """`step 400/1000  epoch 2.00  loss 2.3012  lr 1.00e-03  1234 img/s  ETA 5m02s`."""
+  """`step 400/1000  epoch 2.00  loss 2.3012  lr 1.00e-03  1234 img/s  input wait 3%  ETA 5m02s`.
+
+  `input wait`: the share of the interval the loop waited for its next batch
+  (`perf/input_wait`); a large one means the host, not the step, sets the pace.
+  """
   parts = [f'step {step}/{total}', f'epoch {scalars["train/epoch"]:.2f}',
            f'loss {scalars["train/loss"]:.4f}', f'lr {scalars["train/lr"]:.2e}']
   if 'train/images_per_sec' in scalars:
     parts.append(f'{scalars["train/images_per_sec"]:.0f} img/s')
+  if 'perf/input_wait' in scalars:
+    parts.append(f'input wait {100 * scalars["perf/input_wait"]:.0f}%')
   if scalars.get('train/skipped_updates'):
     parts.append(f'skipped {scalars["train/skipped_updates"]:.0f} updates')
   if scalars.get('train/skipped_examples'):

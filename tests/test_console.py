@@ -25,8 +25,8 @@ def test_default_console_is_one_line_per_event_and_verbosity_restores_the_log(tm
   out = quiet.stdout + quiet.stderr
   assert not ABSL_PREFIX.search(out), out[-2000:]
   assert not any(noise in out for noise in NATIVE_NOISE), out[-2000:]
-  steps = re.findall(r'^step (\d+)/8  epoch [\d.]+  loss [\d.]+  lr [\d.e+-]+  \d+ img/s  ETA \S+$',
-                     out, re.M)
+  steps = re.findall(r'^step (\d+)/8  epoch [\d.]+  loss [\d.]+  lr [\d.e+-]+  \d+ img/s  '
+                     r'input wait \d+%  ETA \S+$', out, re.M)
   assert steps == ['4', '8'], out[-2000:]
   assert re.search(r'^eval at step 8: top-1 [\d.]+%  top-5 [\d.]+%  loss [\d.]+ \| EMA top-1', out,
                    re.M), out[-2000:]

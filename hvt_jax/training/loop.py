@@ -7,6 +7,7 @@ the step) and ends with the parameters an uninterrupted run would have had.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -242,7 +243,7 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   report = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   stop = _stop_on_sigterm()
-  pending, t0, step0 = [], time.time(), step
+  pending, step0, meter = [], step, _Meter()
   finite, first_bad = jnp.array(True), jnp.array(0)  # on device, since the start of this run
 
   def check_finite():  # before anything is logged, evaluated or saved
@@ -251,7 +252,8 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
 
   while step < run.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = run.train_step(state, next(train_batches))
+      state, metrics = run.train_step(state, meter.next_batch(train_batches))
+      meter.dispatched(metrics)
     step += 1
     finite, first_bad = safety.track_finite(finite, first_bad, metrics.pop('finite'), step)
     pending.append(metrics)
@@ -263,21 +265,25 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
       for count in ('skipped_updates', 'skipped_examples'):
         if count in averaged:
           averaged[count] *= len(pending)  # a count over the interval, not a rate
-      averaged['images_per_sec_per_device'] = (
-          (step - step0) * config.batch_size / (time.time() - t0) / jax.device_count())
+      wall, cpu, wait = meter.take()  # after device_get: the interval's steps have all run
+      images = (step - step0) * config.batch_size
+      averaged['images_per_sec_per_device'] = images / wall / jax.device_count()
       averaged['epoch'] = step / run.steps_per_epoch
-      writer.write_scalars(step, {f'train/{k}': v for k, v in averaged.items()})
-      pending, t0, step0 = [], time.time(), step
+      writer.write_scalars(step, {**{f'train/{k}': v for k, v in averaged.items()},
+                                  **perf_scalars(wall, cpu, wait, images / jax.process_count())})
+      pending, step0 = [], step
     eval_metrics = None
     if step % run.eval_every == 0 or last:
       check_finite()
-      results = evaluate(run.eval_step, state, eval_batches)
-      writer.write_scalars(step, results)
+      with meter.paused(state):
+        results = evaluate(run.eval_step, state, eval_batches)
+        writer.write_scalars(step, results)
       eval_metrics = {checkpoint.BEST_METRIC: results['eval/top1']}
     preempted = stop.is_set() or mngr.reached_preemption(step)
     if eval_metrics or preempted or last or step % config.checkpoint_every_steps == 0:
       check_finite()
-      checkpoint.save_train(mngr, state, run.meta, eval_metrics)
+      with meter.paused(state):
+        checkpoint.save_train(mngr, state, run.meta, eval_metrics)
     if preempted:
       logging.warning('Stopped at step %d (SIGTERM/preemption) after saving; rerun the same '
                       'command to resume.', step)
@@ -287,6 +293,84 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
   if jax.process_index() == 0:
     console.say(_final_line(run.workdir, curves.plot(run.workdir), mngr.best_step()))
   return state
+
+
+def _finished_at(array: jax.Array) -> float:
+  array.block_until_ready()
+  return time.perf_counter()
+
+
+class _Meter:
+  """The training part of each log interval: its wall and process CPU time (evaluations and
+  checkpoint saves left out, `paused`), and how long the device waited for input in it.
+
+  Input wait. JAX dispatches a step asynchronously: `train_step(...)` returns once the step is
+  queued, so the loop runs ahead of the device and can sit in `next(train_batches)` while the
+  device still computes queued steps; that time costs nothing. The device waits for input only
+  from the moment its last queued step finishes until `next()` returns the batch of the next
+  one. So each `next()` call counts from the later of its start and the previous step's finish
+  (recorded by a thread that blocks on the step's output) to its return. In a run the step
+  limits, that is about 0; in one the input limits, about the share of the time the device sat
+  idle. `next()` includes starting the batch's copy to the devices (`TrainIterator`).
+  """
+
+  def __init__(self):
+    # One thread blocks on each step's output in turn; it ends with the pool, when the loop
+    # drops the meter.
+    self._finishes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='step_finish')
+    self._previous = None  # when the last dispatched step finished (a Future); None: no step
+    self._start()
+
+  def _start(self):
+    self._wall = self._cpu = 0.0
+    self._calls = []  # per next(): (entered, returned, previous step's finish)
+    self._since = (time.perf_counter(), time.process_time())
+
+  def next_batch(self, batches):
+    entered = time.perf_counter()
+    batch = next(batches)
+    self._calls.append((entered, time.perf_counter(), self._previous))
+    return batch
+
+  def dispatched(self, outputs) -> None:
+    """After each step's call, with any of its outputs."""
+    self._previous = self._finishes.submit(_finished_at, jax.tree.leaves(outputs)[0])
+
+  def _stop(self):
+    wall, cpu = self._since
+    self._wall += time.perf_counter() - wall
+    self._cpu += time.process_time() - cpu
+
+  @contextlib.contextmanager
+  def paused(self, state):
+    """Leaves the block's time out; the steps queued before it still count (`state` done)."""
+    jax.block_until_ready(state)
+    self._stop()
+    try:
+      yield
+    finally:
+      self._since = (time.perf_counter(), time.process_time())
+
+  def take(self) -> tuple[float, float, float]:
+    """(wall s, CPU s, input wait s) since the last take, and starts the next interval. Call it
+    once the interval's steps have run (the metrics read back), so their finishes are known."""
+    self._stop()
+    wait = 0.0
+    for entered, returned, previous in self._calls:
+      idle_from = entered if previous is None else max(entered, previous.result())
+      wait += max(0.0, returned - idle_from)
+    out = (self._wall, self._cpu, wait)
+    self._start()
+    return out
+
+
+def perf_scalars(wall: float, cpu: float, wait: float, local_images: float) -> dict[str, float]:
+  """`perf/input_wait`: the share (0..1) of the interval's wall time in which the device waited
+  for the next batch (`_Meter`). `perf/host_cpu_ms_per_image`: this process's CPU time (all its
+  threads: tf.data's, the runtime's, Python's) per image it fed; on a CPU backend that includes
+  the step's own compute, on an accelerator it is what the host spends to feed it."""
+  return {'perf/input_wait': wait / wall,
+          'perf/host_cpu_ms_per_image': 1e3 * cpu / local_images}
 
 
 def _final_line(workdir: str, curves_png: str, best_step: int | None) -> str:
