@@ -15,16 +15,15 @@ hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 
 import numpy as np
 from absl import app, flags
-from PIL import Image
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, input_pipeline
+from synthetic_images import synthetic_jpegs  # beside this file
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'hvt_digits', 'TFDS dataset (prepared, or preparable offline)')
@@ -37,20 +36,6 @@ flags.DEFINE_integer('threads', os.cpu_count(), 'tf.data threads (config.data.th
 flags.DEFINE_enum('recipe', 'paper', ['paper', 'plain'], 'paper: RandAugment + erasing; plain: '
                   'crop + flip only')
 flags.DEFINE_integer('warmup', 3, 'untimed batches first (tracing, buffer filling)')
-
-
-def synthetic_jpegs(count: int = 128, size=(500, 375), seed: int = 0) -> list[bytes]:
-  """Photo-like JPEGs: smooth colour fields plus fine noise, ~100 KB each at quality 90."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(count):
-    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-    smooth = np.asarray(coarse.resize(size, Image.BICUBIC), np.float32)
-    pixels = np.clip(smooth + rng.normal(0, 18, smooth.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format='JPEG', quality=90)
-    out.append(buf.getvalue())
-  return out
 
 
 def config_for_run():
