@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 
-from hvt_jax.training import host_memory
+from hvt_jax.training import host_memory, peers
 
 if __name__ == '__main__':
   # Before the imports below: the restart runs this module again from its top, and they take
   # ~3.5 s (TensorFlow, through clu's summary writer).
   host_memory.relaunch_with_huge_pages()
+  # Multi-process runs: a parent that turns a dead peer's native abort into one line.
+  peers.supervise()
 
 from absl import app, flags
 import jax
@@ -39,6 +41,9 @@ def define_flags() -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-host')
   flags.DEFINE_integer('num_processes', None, 'number of processes, for explicit multi-host')
   flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1, for explicit multi-host')
+  flags.DEFINE_integer('heartbeat_timeout', 100, 'multi-host: seconds without a heartbeat after '
+                       'which a process counts as dead; the others then stop, each with one line '
+                       "(jax.distributed's default)")
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,9 +57,11 @@ def init_distributed() -> None:
   # CPU processes exchange collectives through gloo; GPU and TPU use their own transports.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+  peers.note(process=jax.process_index(), processes=jax.process_count())
 
 
 def use_compile_cache() -> None:
@@ -71,11 +78,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = cli.config()
   use_compile_cache()
+  peers.note(workdir=FLAGS.workdir)
   init_distributed()
   console.say(f'Process {jax.process_index()} of {jax.process_count()}; '
               f'{jax.local_device_count()} local / {jax.device_count()} global devices '
               f'({jax.devices()[0].platform}).')
-  loop.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    loop.train_and_evaluate(config, FLAGS.workdir)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() > 1 and peers.lost_peer(e):
+      peers.await_verdict(FLAGS.heartbeat_timeout)  # the supervisor's line names the dead one
+    raise
 
 
 if __name__ == '__main__':

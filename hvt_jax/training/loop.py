@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from hvt_jax import console, defaults
-from hvt_jax.training import checkpoint, curves, optim, safety, sharding, train_step
+from hvt_jax.training import checkpoint, curves, optim, peers, safety, sharding, train_step
 from hvt_jax.data import datasets, input_pipeline
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -250,11 +250,13 @@ def _train(run: Run, state, mngr, writer) -> train_step.TrainState:
     if not bool(finite):
       raise TrainError(safety.diverged(int(first_bad), step, mngr.latest_step(), run.workdir))
 
+  peers.reached(step)  # for the one line a dead peer ends a multi-process run with
   while step < run.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = run.train_step(state, meter.next_batch(train_batches))
       meter.dispatched(metrics)
     step += 1
+    peers.reached(step)
     finite, first_bad = safety.track_finite(finite, first_bad, metrics.pop('finite'), step)
     pending.append(metrics)
     report(step)
