@@ -147,11 +147,7 @@ def _plugin_requires(installed: dict[str, str | None]) -> dict[str, list[str]]:
 
 def main() -> int:
   installed = _installed()
-  jax_version = installed['jax']
-  if jax_version is None:
-    print('jax is not installed: run this cell again (pip install git+https://github.com/'
-          'hvt-jax/hvt_jax)')
-    return 1
+  jax_version = installed['jax']  # hvt_jax, imported to run this, imported jax
   device = hardware()
   cuda = re.search(r'CUDA Version: (\d+)', _nvidia_smi()) if device == 'gpu' else None
   extra = jax_extra(installed, device, int(cuda.group(1)) if cuda else None)
