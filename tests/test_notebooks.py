@@ -73,9 +73,11 @@ def test_github_urls_are_the_project_and_the_official_release():
   texts = {f'{name}.ipynb': ''.join(c.source for c in read(name).cells) for name in NOTEBOOKS}
   texts['README.md'] = (REPO / 'README.md').read_text()
   for where, text in texts.items():
-    urls = {u.rstrip('.').removesuffix('.git') for u in GITHUB.findall(text)}
+    # Links to other projects (jax, timm, ...) are free; every one to an HVT repository is ours.
+    urls = {u.rstrip('.').removesuffix('.git') for u in GITHUB.findall(text)
+            if 'hvt' in u.lower()}
     assert urls <= {PROJECT, OFFICIAL}, f'{where}: {sorted(urls - {PROJECT, OFFICIAL})}'
-    assert PROJECT in urls, where
+    assert PROJECT in urls and 'monashai' not in text.lower(), where
   assert OFFICIAL in GITHUB.findall(texts['quickstart.ipynb'])
 
 
