@@ -29,13 +29,16 @@ def color(example_id: int) -> tuple[int, int, int]:
 
 
 def decode_ids(images: np.ndarray, mean, std) -> np.ndarray:
-  """(N, S, S, 3) normalized images of flat colours -> (N,) example ids.
+  """(N, S, S, 3) images of flat colours, uint8 or normalized with `mean`, `std` -> (N,)
+  example ids.
 
   The median ignores a random-erasing box (at most a third of the image).
   """
   if not len(images):
     return np.zeros((0,), int)
-  pixels = (np.median(images, axis=(1, 2)) * np.asarray(std) + np.asarray(mean)) * 255
+  pixels = np.median(images, axis=(1, 2))
+  if images.dtype != np.uint8:
+    pixels = (pixels * np.asarray(std) + np.asarray(mean)) * 255
   digits = np.round(pixels[:, :2] / STEP).astype(int)
   return digits[:, 0] + BASE * digits[:, 1]
 

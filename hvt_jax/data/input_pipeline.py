@@ -2,7 +2,9 @@
 
 Each process reads its own even share of a split (`tfds.even_splits`, what
 `tfds.split_for_jax_process` does), keeps the images encoded through shuffling and skipping,
-and decodes only the crop it keeps (`preprocess.train_image` on the JPEG bytes).
+and decodes only the crop it keeps (`preprocess.train_crop` on the JPEG bytes). The host only
+decodes, crops and resizes: batches leave it as uint8, and the rest of the train transform runs
+on the device, seeded by each example's 'example_id' (`hvt_jax.data.augment`).
 
 Train order is a pure function of (config.seed, process index, epoch): every epoch gets its own
 file order and shuffle seed, and example i of epoch e its own augmentation seed. So the stream
@@ -194,7 +196,9 @@ def _epoch_records(source: Source, *, seed: int, process_index: int, shuffle_buf
 
 def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_index: int,
                   local_batch: int, start: int = 0) -> tf.data.Dataset:
-  """Endless local batches {'image': float32 (b, S, S, 3), 'label': int32 (b,)}.
+  """Endless local batches {'image': uint8 (b, S, S, 3), 'label': int32 (b,), 'ok': bool (b,),
+  'example_id': int32 (b, 3)}: the record's (process_index, epoch, position), which seeds its
+  crop here and the rest of its augmentation on the device.
 
   `start`: how many examples of this process's stream to leave out, e.g. after resuming.
   They are skipped as encoded records, only within their epoch.
@@ -222,36 +226,44 @@ def skip_undecodable(ds: tf.data.Dataset, augment: Callable, size: int) -> tf.da
   with 'ok' False instead of ending the run.
 
   TensorFlow cannot catch an op's error inside a map; `ignore_errors` can only drop the
-  element. So records are numbered before the map, and after it each gap in the numbering is
-  filled with placeholders: one example per record, so positions, augmentation seeds and
-  resumed streams stay as they were for every valid image. (Wrapping each record in its own
-  one-element dataset instead cost 6-12% more CPU per image.) A stream in which nothing decodes
-  would never yield; `train_dataset` refuses that data first.
+  element. So records are numbered before the map, and after it each example carries the
+  number of records dropped just before it: it becomes a stack of that many placeholders and
+  itself, which `unbatch` splits into rows again. One example per record, so positions,
+  augmentation seeds and resumed streams stay as they were for every valid image. (A
+  `flat_map` building a small dataset per example does the same, at a dataset's set-up cost
+  per image.) A stream in which nothing decodes would never yield; `train_dataset` refuses
+  that data first.
   """
-  placeholder = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([size, size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
-      'ok': tf.constant(False)})
   decoded = ds.enumerate().map(
-      lambda number, element: (number, {**augment(*element), 'ok': tf.constant(True)}),
+      lambda number, element: (number, augment(*element)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
   def count_gap(previous, item):
     number, example = item
     return number, (number - previous - 1, example)
 
+  def with_placeholders(missing, example):
+    def stacked():
+      return {k: tf.concat([tf.zeros(tf.concat([[missing], tf.shape(v)], 0), v.dtype), v[None]],
+                           axis=0) for k, v in example.items()}
+    rows = tf.cond(missing > 0, stacked, lambda: {k: v[None] for k, v in example.items()})
+    ok = tf.range(missing + 1) == missing
+    return {**rows, 'ok': ok}
+
   decoded = decoded.scan(tf.constant(-1, tf.int64), count_gap)
-  return decoded.flat_map(lambda missing, example: placeholder.repeat(missing).concatenate(
-      tf.data.Dataset.from_tensors(example)))
+  return decoded.map(with_placeholders).unbatch()
 
 
 def _augment_fn(config: ml_collections.ConfigDict, process_index: int) -> Callable:
-  """(epoch, position, record) -> {'image', 'label'}: the train transform, seeded by the
-  record's place in this process's stream."""
+  """(epoch, position, record) -> {'image', 'label', 'example_id'}: the host's part of the
+  train transform (`preprocess.train_crop`), seeded by the record's place in this process's
+  stream, and that place for the device's part."""
   def augment(epoch, position, record):
     key = _key(config.seed, process_index, epoch, _AUGMENT, position)
-    image = preprocess.train_image(record['image'], key, size=config.model.image_size,
-                                   aug=config.aug, mean=config.eval.mean, std=config.eval.std)
-    return {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    image = preprocess.train_crop(record['image'], key, size=config.model.image_size,
+                                  aug=config.aug)
+    example_id = tf.cast(tf.stack([tf.cast(process_index, tf.int64), epoch, position]), tf.int32)
+    return {'image': image, 'label': tf.cast(record['label'], tf.int32), 'example_id': example_id}
   return augment
 
 
@@ -274,25 +286,28 @@ def _undecodable(config: ml_collections.ConfigDict, which: str) -> str:
 
 
 def fill_skipped(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  """Rows of skipped records take a copy of a valid row of the same batch: the batch keeps
-  its size, and the train step counts the copies from 'ok' (train/skipped_examples)."""
+  """Rows of skipped records take a copy of a valid row of the same batch (every field but
+  'ok': image, label and example_id alike): the batch keeps its size, and the train step counts
+  the copies from 'ok' (train/skipped_examples)."""
   ok = batch['ok']
   rows = tf.range(tf.shape(ok)[0])
   valid = tf.boolean_mask(rows, ok)
   count = tf.maximum(tf.size(valid), 1)  # no valid row at all: the placeholders stay
   source = tf.where(ok, rows, tf.gather(tf.concat([valid, [0]], 0), rows % count))
-  return {'image': tf.gather(batch['image'], source), 'label': tf.gather(batch['label'], source),
-          'ok': ok}
+  return {**{k: tf.gather(v, source) for k, v in batch.items() if k != 'ok'}, 'ok': ok}
 
 
 def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
                  local_batch: int) -> tf.data.Dataset:
-  """One pass of local batches {'image', 'label'}; the last one may be short."""
+  """One pass of local batches {'image': uint8 (b, S, S, 3), 'label'} (and 'real' where the
+  dataset has it); the last one may be short. The device normalizes the images."""
   transform = defaults.eval_transform(config.eval)
 
   def prepare(record):
-    image = preprocess.eval_image(record['image'], size=config.model.image_size, **transform)
-    out = {'image': tf.cast(image, tf.float32), 'label': tf.cast(record['label'], tf.int32)}
+    image = preprocess.eval_crop(record['image'], size=config.model.image_size,
+                                 crop_pct=transform['crop_pct'],
+                                 interpolation=transform['interpolation'])
+    out = {'image': image, 'label': tf.cast(record['label'], tf.int32)}
     return {**out, 'real': record['real']} if 'real' in record else out
 
   ds = source.read(None)
@@ -399,7 +414,8 @@ def check_train_data(config: ml_collections.ConfigDict, dataset: datasets.Datase
 def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int = 0,
                    *, dataset: datasets.Dataset | None = None, process_index: int | None = None,
                    process_count: int | None = None) -> TrainIterator:
-  """Endless {'image': float32 (B, S, S, 3), 'label': int32 (B,)} global batches.
+  """Endless global batches {'image': uint8 (B, S, S, 3), 'label': int32 (B,), 'ok': bool (B,),
+  'example_id': int32 (B, 3)} (see `train_dataset`).
 
   `step`: batches already trained on (a resumed run's step). `dataset`: the run's opened
   dataset; None opens the config's (`datasets.open_dataset`). `process_index` /

@@ -1,8 +1,15 @@
-"""Per-example train and eval image transforms of the DeiT/HVT recipe (timm 0.3.2), in TF.
+"""The host's part of the DeiT/HVT (timm 0.3.2) image transforms, in TF: decode, crop, resize.
 
-Both take encoded image bytes (a scalar tf.string) or a uint8 (H, W, C) tensor and return a
-normalized float32 (size, size, 3) image. Training randomness is stateless and comes only
-from the `seed` argument, so tf.data may run them in any order or in parallel.
+`train_crop` decodes timm's random-resized-crop window and resizes it to a uint8 S x S image;
+the rest of the train transform (flip, RandAugment, normalization, random erasing) runs on the
+device, inside the train step (`hvt_jax.data.augment`). `eval_crop` resizes and center-crops
+to uint8; `eval_image` (predict) normalizes that on the host. Both take encoded image bytes (a
+scalar tf.string) or a uint8 (H, W, C) tensor. Training randomness is stateless and comes only
+from the `seed` argument, so tf.data may run the transform in any order or in parallel.
+
+The resize is PIL's `Image.resize` (what timm's torchvision transforms call): its filters,
+antialiased by widening the filter when shrinking, in two separable passes with the result of
+the first rounded to uint8 as PIL does.
 """
 from __future__ import annotations
 
@@ -12,19 +19,13 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from hvt_jax.data import randaugment
 from hvt_jax.errors import UserError
 
-# name -> (tf.image.resize method, antialias); PIL always antialiases when shrinking.
-_RESIZE = {
-    'bicubic': ('bicubic', True),
-    'bilinear': ('bilinear', True),
-    'lanczos': ('lanczos3', True),
-    'nearest': ('nearest', False),
-}
-_ATTEMPTS = 10  # timm's tries for both the crop and the erased box
-_ERASE_AREA = (0.02, 1 / 3)  # timm's RandomErasing defaults, as a fraction of the image
-_ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+_ATTEMPTS = 10  # timm's tries for the crop window
+# Output rows resampled together by one small dense matmul: the rows a block reads overlap, so a
+# block of b rows reads about b * scale + taps input rows. Few rows per block waste few
+# multiplications on zeros; many rows make fewer, larger matmuls.
+_BLOCK = 8
 
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # top, left, height, width
 
@@ -33,49 +34,66 @@ class AugmentConfigError(UserError):
   """An `aug` or eval setting the transforms cannot use."""
 
 
+def _bicubic(x: tf.Tensor) -> tf.Tensor:
+  """PIL's bicubic filter (Keys, a = -0.5)."""
+  a = -0.5
+  x = tf.abs(x)
+  return tf.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  tf.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, tf.zeros_like(x)))
+
+
+def _bilinear(x: tf.Tensor) -> tf.Tensor:
+  return tf.maximum(1 - tf.abs(x), 0)
+
+
+def _sinc(x: tf.Tensor) -> tf.Tensor:
+  safe = tf.where(x == 0, tf.ones_like(x), x * math.pi)
+  return tf.where(x == 0, tf.ones_like(x), tf.sin(safe) / safe)
+
+
+def _lanczos(x: tf.Tensor) -> tf.Tensor:
+  return tf.where((x >= -3) & (x < 3), _sinc(x) * _sinc(x / 3), tf.zeros_like(x))
+
+
+# name -> (filter, support in input pixels at scale 1) as PIL defines them; None: nearest
+# neighbour, which PIL samples without a filter (and so never antialiases).
+_FILTERS = {
+    'bicubic': (_bicubic, 2.0),
+    'bilinear': (_bilinear, 1.0),
+    'lanczos': (_lanczos, 3.0),
+    'nearest': None,
+}
+
+
 # Plain TF throughout: AutoGraph would only add seconds of tracing in tf.data and tf.function.
 @tf.autograph.experimental.do_not_convert
-def train_image(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any,
-                mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """Random-resized crop, flip, RandAugment, normalize, random erasing: timm's order.
+def train_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.Tensor:
+  """timm's RandomResizedCrop: the window `crop_window` draws, resized to uint8 (size, size, 3).
 
-  `seed`: shape (2,) int32/int64. `aug`: the config's `aug` section (a ConfigDict or dict).
-  `mean`, `std`: the normalization, the same as the eval transform's (`config.eval`).
+  `seed`: shape (2,) int32/int64. `aug`: the config's `aug` section (a ConfigDict or dict); its
+  crop_scale, crop_ratio and interpolation are used here, the rest on the device.
   """
+  check_crop_settings(aug)
+  # int64 throughout, so an int32 seed with the same numbers gives the same image. The crop
+  # takes the first of four streams, as it did when the host also drew flip, RandAugment and
+  # erasing from the others: the same seed still gives the same window.
+  crop_seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)[0]
+  window_fn = functools.partial(crop_window, seed=crop_seed, scale=tuple(aug['crop_scale']),
+                                ratio=tuple(aug['crop_ratio']))
+  x = _decode_cropped(tf.convert_to_tensor(image), window_fn)
+  return tf.ensure_shape(resize(x, size, size, aug['interpolation']), [size, size, 3])
+
+
+def check_crop_settings(aug: Any) -> None:
+  """Raises AugmentConfigError for crop settings `train_crop` cannot use."""
   _check_interpolation(aug['interpolation'])
   _check_range('crop_scale', aug['crop_scale'], upper=1.0)
   _check_range('crop_ratio', aug['crop_ratio'])
-  if not 0 <= aug['random_erase'] <= 1:
-    raise AugmentConfigError(f'aug.random_erase={aug["random_erase"]} is a probability; '
-                             'set it in [0, 1] (0 turns random erasing off).')
-  spec = aug['randaugment']
-  if spec:
-    randaugment.parse_spec(spec)  # fail before tracing the rest
-  # int64 throughout, so an int32 seed with the same numbers gives the same image.
-  crop_seed, flip_seed, ra_seed, erase_seed = tf.unstack(
-      tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4))
-
-  window_fn = functools.partial(crop_window, seed=crop_seed, scale=tuple(aug['crop_scale']),
-                                ratio=tuple(aug['crop_ratio']))
-  x = _resize(_decode_cropped(tf.convert_to_tensor(image), window_fn), [size, size],
-              aug['interpolation'])
-  if aug['flip']:
-    flipped = tf.random.stateless_uniform([], flip_seed) < 0.5
-    x = tf.cond(flipped, lambda: tf.reverse(x, axis=[1]), lambda: x)
-  if spec:
-    # DeiT fills rotate/shear/translate with the dataset mean in 0..255.
-    fill = tuple(min(255, round(255 * m)) for m in mean)
-    x = randaugment.rand_augment(x, ra_seed, spec, fill=fill)
-  x = normalize(x, mean, std)
-  if aug['random_erase'] > 0:
-    x = random_erase(x, erase_seed, aug['random_erase'])
-  return tf.ensure_shape(x, [size, size, 3])
 
 
 @tf.autograph.experimental.do_not_convert
-def eval_image(image: tf.Tensor, *, size: int, crop_pct: float, interpolation: str,
-               mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """Resize the shorter side to floor(size / crop_pct), center crop size x size, normalize."""
+def eval_crop(image: tf.Tensor, *, size: int, crop_pct: float, interpolation: str) -> tf.Tensor:
+  """Resize the shorter side to floor(size / crop_pct), center crop size x size: uint8."""
   _check_interpolation(interpolation)
   if not 0 < crop_pct <= 1:
     raise AugmentConfigError(f'eval crop_pct={crop_pct} must lie in (0, 1]; the recipe uses '
@@ -87,12 +105,21 @@ def eval_image(image: tf.Tensor, *, size: int, crop_pct: float, interpolation: s
   # torchvision's Resize(int): the shorter side becomes `scale`, the longer one truncates.
   new_h = tf.where(height <= width, scale, scale * height // width)
   new_w = tf.where(height <= width, scale * width // height, scale)
-  x = _resize(x, tf.stack([new_h, new_w]), interpolation)
   # torchvision's CenterCrop rounds the offsets half to even, as tf.round does.
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
-  x = x[top:top + size, left:left + size]
-  return tf.ensure_shape(normalize(x, mean, std), [size, size, 3])
+  # Only the kept rows and columns of the resized image are computed: each output pixel
+  # depends on its own position alone, so they equal the full resize's, cropped.
+  x = resize(x, new_h, new_w, interpolation, first=(top, left), count=(size, size))
+  return tf.ensure_shape(x, [size, size, 3])
+
+
+@tf.autograph.experimental.do_not_convert
+def eval_image(image: tf.Tensor, *, size: int, crop_pct: float, interpolation: str,
+               mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """`eval_crop`, normalized: float32 (size, size, 3), what predict feeds the model."""
+  return normalize(eval_crop(image, size=size, crop_pct=crop_pct, interpolation=interpolation),
+                   mean, std)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
@@ -132,44 +159,85 @@ def crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor, *,
   return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
 
 
-def random_erase(image: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
-  """timm's RandomErasing, pixel mode, one box: with probability `prob`, 10 tries at a box of
-  2%..1/3 of the area and log-uniform aspect in [0.3, 1/0.3] that fits strictly inside; the
-  first that fits is filled with standard-normal noise. For normalized float (H, W, C) images.
-  """
-  s_apply, s_area, s_aspect, s_top, s_left, s_noise = tf.unstack(
-      tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6))
-  shape = tf.shape(image)
-  h_img, w_img = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-  area = h_img * w_img * tf.random.stateless_uniform(
-      [_ATTEMPTS], s_area, *_ERASE_AREA, dtype=tf.float64)
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [_ATTEMPTS], s_aspect, *_ERASE_LOG_ASPECT, dtype=tf.float64))
-  h = tf.round(tf.sqrt(area * aspect))
-  w = tf.round(tf.sqrt(area / aspect))
-  fits = (w < w_img) & (h < h_img)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-  h, w = h[first], w[first]
-  top = tf.cast(_uniform_int(s_top, h_img - h), tf.int32)
-  left = tf.cast(_uniform_int(s_left, w_img - w), tf.int32)
-  h, w = tf.cast(h, tf.int32), tf.cast(w, tf.int32)
-  erase = (tf.random.stateless_uniform([], s_apply) < prob) & tf.reduce_any(fits)
-
-  def erased():
-    # The noise is drawn for the whole image (so a pixel's value depends only on the seed), and
-    # the box is spliced in with slices: a masked tf.where over every pixel costs ~4x as much.
-    noise = tf.random.stateless_normal(shape, s_noise, dtype=image.dtype)
-    middle = tf.concat([image[top:top + h, :left], noise[top:top + h, left:left + w],
-                        image[top:top + h, left + w:]], axis=1)
-    return tf.concat([image[:top], middle, image[top + h:]], axis=0)
-
-  return tf.cond(erase, erased, lambda: image)
-
-
 def _uniform_int(seed: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
   """A uniform integer in [0, high] (inclusive, like random.randint), as float64."""
   u = tf.random.stateless_uniform([], seed, dtype=tf.float64)
   return tf.minimum(tf.floor(u * (high + 1)), high)
+
+
+def resize(image: tf.Tensor, height, width, interpolation: str, *, first=(0, 0),
+           count=None) -> tf.Tensor:
+  """PIL's `Image.resize((width, height), interpolation)` of a uint8 (H, W, 3) image, as uint8.
+
+  `first`, `count`: compute only rows first[0]..first[0] + count[0] and the same for columns
+  (default: all), which are those pixels of the full resize.
+  """
+  count = (height, width) if count is None else count
+  if _FILTERS[interpolation] is None:
+    rows = _nearest(tf.shape(image)[0], height, first[0], count[0])
+    cols = _nearest(tf.shape(image)[1], width, first[1], count[1])
+    return tf.gather(tf.gather(image, rows), cols, axis=1)
+  kernel, support = _FILTERS[interpolation]
+  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
+  # PIL resamples the rows first (horizontal pass), then the columns, and rounds in between.
+  # Both passes here resample the leading axis of a (rows, everything else) matrix, so the
+  # image is transposed before each.
+  x = tf.reshape(tf.transpose(image, [1, 0, 2]), [in_w, -1])  # (W, H * 3)
+  x = _resample(x, in_w, width, first[1], count[1], kernel, support)  # (w, H * 3)
+  x = tf.reshape(tf.transpose(tf.reshape(x, [count[1], in_h, 3]), [1, 0, 2]), [in_h, -1])
+  x = _resample(x, in_h, height, first[0], count[0], kernel, support)  # (h, w * 3)
+  return tf.reshape(x, [count[0], count[1], 3])
+
+
+def _nearest(in_size, out_size, first, count) -> tf.Tensor:
+  """PIL's nearest neighbour: the input pixel under each output pixel's center.
+
+  PIL (ImagingScaleAffine) steps from one center to the next by adding the scale, and the
+  error these additions accumulate decides centers that fall on a pixel border; a cumulative
+  sum in the same order picks the same pixels, unless graph optimizations round the scale
+  differently (a division by a constant output size becomes a multiplication).
+  """
+  scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+  steps = tf.concat([[0.5 * scale], tf.fill([first + count - 1], scale)], axis=0)
+  centers = tf.math.cumsum(steps)[first:]
+  return tf.minimum(tf.cast(centers, tf.int32), in_size - 1)
+
+
+def _resample(x: tf.Tensor, in_size, out_size, first, count, kernel: Callable,
+              support: float) -> tf.Tensor:
+  """uint8 (in_size, M) -> uint8 (count, M): rows first.. of PIL's resampling of the leading
+  axis to `out_size`.
+
+  PIL's coefficients (precompute_coeffs in its Resample.c): output row o is centered at input
+  coordinate c = (o + 0.5) * scale, scale = in_size / out_size; when shrinking, the filter is
+  widened by the scale (its antialiasing); the input rows within its support are weighted
+  kernel((row + 0.5 - c) / max(scale, 1)), normalized to sum 1. TF has no op for such a banded
+  weighted sum of rows, so blocks of `_BLOCK` output rows each take one small dense matmul over
+  the input rows the block reads.
+  """
+  in_f = tf.cast(in_size, tf.float64)
+  scale = in_f / tf.cast(out_size, tf.float64)
+  stretch = tf.maximum(scale, 1.0)
+  reach = support * stretch
+  blocks = (count + _BLOCK - 1) // _BLOCK
+  out = tf.cast(tf.reshape(tf.range(blocks * _BLOCK) + first, [blocks, _BLOCK]), tf.float64)
+  center = (out + 0.5) * scale
+  # PIL's bounds: int(center -+ support + 0.5), clamped to the image.
+  low = tf.maximum(tf.floor(center - reach + 0.5), 0.0)
+  high = tf.minimum(tf.floor(center + reach + 0.5), in_f)
+  start = low[:, 0]
+  span = tf.cast(tf.reduce_max(high[:, -1] - start), tf.int32)  # input rows per block
+  rows = start[:, None] + tf.cast(tf.range(span), tf.float64)  # (blocks, span)
+  weight = kernel((rows[:, None, :] - center[..., None] + 0.5) / stretch)
+  weight = tf.where((rows[:, None, :] >= low[..., None]) & (rows[:, None, :] < high[..., None]),
+                    weight, 0.0)
+  weight = weight / tf.reduce_sum(weight, axis=-1, keepdims=True)  # (blocks, _BLOCK, span)
+  # Rows past the image (the last block's) have weight 0; any valid row may stand in.
+  rows = tf.minimum(tf.cast(rows, tf.int32), in_size - 1)
+  x = tf.cast(tf.gather(x, tf.reshape(rows, [-1])), tf.float32)
+  x = tf.matmul(tf.cast(weight, tf.float32), tf.reshape(x, [blocks, span, -1]))
+  # PIL rounds half up and clips to 0..255 (padding rows of the last block dropped).
+  return tf.saturate_cast(tf.reshape(x, [blocks * _BLOCK, -1])[:count] + 0.5, tf.uint8)
 
 
 def _decode_cropped(image: tf.Tensor,
@@ -212,13 +280,6 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(tf.gather(image, channels, axis=-1), [None, None, 3])
 
 
-def _resize(image: tf.Tensor, size, interpolation: str) -> tf.Tensor:
-  """Resize like PIL does on uint8 images: the result is rounded back to uint8."""
-  method, antialias = _RESIZE[interpolation]
-  x = tf.image.resize(image, size, method=method, antialias=antialias)
-  return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
-
-
 def _check_range(name: str, bounds: Sequence[float], upper: float = math.inf) -> None:
   low, high = bounds
   if not 0 < low <= high <= upper:
@@ -227,6 +288,6 @@ def _check_range(name: str, bounds: Sequence[float], upper: float = math.inf) ->
 
 
 def _check_interpolation(name: str) -> None:
-  if name not in _RESIZE:
+  if name not in _FILTERS:
     raise AugmentConfigError(f'interpolation {name!r} is not supported; use one of '
-                             f'{", ".join(_RESIZE)}.')
+                             f'{", ".join(_FILTERS)}.')
