@@ -3,11 +3,11 @@
 JAX's coordination service (`jax.distributed`) already notices a dead process: the service,
 which runs inside process 0, counts a process as dead once it sends no heartbeat for
 `heartbeat_timeout_seconds`, and every other process's client then aborts natively
-(LOG(FATAL): ~90 lines of C++ and Python stack dump). When process 0 itself dies, the others'
-clients lose the service and abort within milliseconds. Neither abort can be caught in
-Python: jaxlib 0.12's `missed_heartbeat_callback` dies converting its status (std::bad_cast)
-before reaching Python, and `jax_enable_recoverability` keeps only the processes other than
-process 0 alive. So `python -m hvt_jax.main` in a multi-process run keeps JAX's detection and
+(LOG(FATAL), then a C++ and Python stack dump). When process 0 itself dies, the others' clients
+lose the service and abort at once. Neither abort can be caught in Python: jaxlib 0.12's
+`missed_heartbeat_callback` dies converting its status (std::bad_cast) before reaching Python,
+and `jax_enable_recoverability` keeps the survivors alive only when the dead process is not
+process 0. So `python -m hvt_jax.main` in a multi-process run keeps JAX's detection and
 abort and reads them from outside: it runs itself again as a child (`supervise`), relays the
 child's stderr, and when the child aborts with the coordination service's verdict it prints one
 line instead of the dump: which process stopped answering, the step this one had reached (the
@@ -40,27 +40,27 @@ _RECORD_BYTES = 4096
 FATAL = b'Terminating process because the JAX distributed service detected fatal errors'
 # An absl/glog line from C++: `E1201 21:40:21.153837   11369 coordination_service.cc:1518] ...`.
 _NATIVE = re.compile(rb'[IWEF]\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] ')
-# Native lines come in bursts: the errors that precede the abort arrive within milliseconds of
-# it. Lines held for this long with no further native line were not part of an abort.
+# Native lines come in bursts: the errors that precede the abort are logged by the same thread
+# just before it. Lines held for this long with no further native line were not part of one.
 QUIET_SECONDS = 2.0
 
 _record: dict = {}
+_record_fd: int | None = None  # set in a supervised child
 
 
 def note(**values) -> None:
   """Adds to the record the supervisor reads once this process has ended (a no-op unless
   supervised). Rewritten in place at a fixed size, so it costs one write and never blocks."""
-  fd = os.environ.get(RECORD_FD)
-  if fd is None:
+  if _record_fd is None:
     return
   _record.update(values)
   data = json.dumps(_record).encode()[:_RECORD_BYTES]
-  os.pwrite(int(fd), data.ljust(_RECORD_BYTES), 0)
+  os.pwrite(_record_fd, data.ljust(_RECORD_BYTES), 0)
 
 
 def reached(step: int) -> None:
   """The training loop's progress: `step` steps done."""
-  if RECORD_FD in os.environ:
+  if _record_fd is not None:
     note(step=step)
 
 
@@ -84,21 +84,24 @@ def supervise() -> None:
   """In a multi-process run on Linux, runs this program (same interpreter and arguments) as a
   child, relays its output and exits with its status, replacing a dead-peer abort by one line.
   Returns at once in the child, in single-process runs and elsewhere."""
+  global _record_fd
   if RECORD_FD in os.environ:
-    _follow_parent()
+    # Out of the environment, so that no process this one starts takes itself for supervised.
+    _record_fd = int(os.environ.pop(RECORD_FD))
+    _follow_parent(os.environ.pop(SUPERVISOR, ''))
     return
   if not sys.platform.startswith('linux') or not _multi_process(sys.argv[1:]):
     return
   sys.exit(_run_child([sys.executable, *sys.orig_argv[1:]], _verbose(sys.argv[1:])))
 
 
-def _follow_parent() -> None:
+def _follow_parent(supervisor: str) -> None:
   """A killed supervisor takes its child with it: whoever kills the process they started
   (a scheduler preempting a host, kill -9) kills the one that trains."""
   import ctypes
   pr_set_pdeathsig = 1
   ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-  if str(os.getppid()) != os.environ.get(SUPERVISOR):  # it died before prctl took effect
+  if str(os.getppid()) != supervisor:  # it died before prctl took effect
     os._exit(1)
 
 
@@ -123,7 +126,10 @@ def _run_child(cmd: list[str], verbose: bool) -> int:
     except ValueError:  # the child died writing it
       progress = {}
   workdir = progress.get('workdir')
-  latest = last_checkpoint(workdir) if workdir else None
+  try:
+    latest = last_checkpoint(workdir) if workdir else None
+  except Exception:  # the line matters more than this detail: print it without
+    latest = None
   print(dead_peer_line(relay.report.decode(errors='replace'), progress, latest),
         file=sys.stderr, flush=True)
   return 1
@@ -210,7 +216,7 @@ def last_checkpoint(workdir: str) -> int | None:
   """The latest step of `workdir` that Orbax finalized: what a rerun resumes from."""
   from absl import logging
   from hvt_jax.training import checkpoint
-  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
+  if '://' not in workdir and not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
     return None
   logging.set_verbosity(logging.ERROR)  # a read-only manager warns that it is read-only
   return checkpoint.manager(workdir, read_only=True).latest_step()
@@ -235,8 +241,9 @@ def dead_peer_line(report: str, progress: dict, latest: int | None) -> str:
     return f'main: error: {what}; no checkpoint is complete, so rerunning the same command on ' \
            'every process starts over.'
   from hvt_jax.training import checkpoint
-  where = os.path.join(os.path.abspath(progress['workdir']), checkpoint.CHECKPOINTS_DIR,
-                       str(latest))
+  workdir = progress['workdir']
+  workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+  where = f'{workdir.rstrip("/")}/{checkpoint.CHECKPOINTS_DIR}/{latest}'
   return (f'main: error: {what}; rerun the same command on every process to resume from the '
           f'last complete checkpoint, step {latest} ({where}).')
 
