@@ -13,10 +13,10 @@ ImageNet-sized synthetic JPEGs, and how much of its time the step waited for inp
 It writes an image folder of synthetic 500x375 JPEGs (`synthetic_images.py`; about ImageNet's
 mean size) into a temporary directory and runs `hvt_jax.training.loop.train_and_evaluate` on it,
 `data=folder:DIR` with any `--config` and `--config.key=value` overrides, as `python -m
-hvt_jax.main` would: the first `--log_every` steps (compilation, the pipeline's start) untimed,
-then `--steps` timed ones, rounded up to whole log intervals, and the loop's one evaluation at the
-end (not timed either). It prints, read back from the run's metrics.jsonl, so that the figures
-are the training log's own:
+hvt_jax.main` would: `--warmup_steps` untimed (compilation, and the batches tf.data buffered
+meanwhile, which later steps would otherwise get for free), then `--steps` timed ones, both
+rounded up to whole log intervals, and the loop's one evaluation at the end (not timed either).
+It prints, read back from the run's metrics.jsonl, so that the figures are the training log's own:
 
   - images/s over the timed steps (`train/images_per_sec_per_device` x devices);
   - the share of that time the device waited for the next batch (`perf/input_wait`);
@@ -53,7 +53,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'training config file, optionally with :args',
                                 lock_config=True)
 flags.DEFINE_integer('steps', 20, 'timed train steps (rounded up to whole log intervals)')
-flags.DEFINE_integer('log_every', 5, 'steps per log interval; the first interval is not timed')
+flags.DEFINE_integer('warmup_steps', 10, 'untimed steps first (at least one log interval)')
+flags.DEFINE_integer('log_every', 5, 'steps per log interval: the loop\'s figures are per interval')
 flags.DEFINE_integer('images', 0, 'train images in the folder; 0: 4 global batches, at least 512')
 flags.DEFINE_integer('distinct', 128, 'distinct JPEGs the folder\'s files are hard links to')
 flags.DEFINE_integer('classes', 10, 'class folders (sets config.model.num_classes)')
@@ -69,10 +70,9 @@ class TrainSpeedError(UserError):
   pass
 
 
-def timed_rows(workdir: str, log_every: int) -> list[dict]:
-  """The train rows of metrics.jsonl after the first log interval."""
-  rows = [r for r in curves.read(workdir) if 'perf/input_wait' in r]
-  return [r for r in rows if r['step'] > log_every]
+def timed_rows(workdir: str, after_step: int) -> list[dict]:
+  """The train rows of metrics.jsonl logged after `after_step`."""
+  return [r for r in curves.read(workdir) if 'perf/input_wait' in r and r['step'] > after_step]
 
 
 def summarize(rows: list[dict], batch_size: int, devices: int, after_step: int) -> dict:
@@ -106,14 +106,17 @@ def run_config(config, root: str, total_steps: int):
 def main(argv):
   if len(argv) > 1:
     raise TrainSpeedError(f'unexpected arguments: {argv[1:]}')
-  if FLAGS.steps < 1 or FLAGS.log_every < 1:
-    raise TrainSpeedError('--steps and --log_every take positive numbers.')
+  if FLAGS.steps < 1 or FLAGS.log_every < 1 or FLAGS.warmup_steps < 0:
+    raise TrainSpeedError('--steps and --log_every take positive numbers, --warmup_steps one '
+                          '>= 0.')
   config = cli.config()
   batch = config.batch_size
   FLAGS.images = FLAGS.images or max(512, 4 * batch)
   if FLAGS.images < batch:
     raise TrainSpeedError(f'--images={FLAGS.images} is less than one batch ({batch}); pass more.')
-  total_steps = FLAGS.log_every * (1 + math.ceil(FLAGS.steps / FLAGS.log_every))
+  intervals = lambda steps: max(1, math.ceil(steps / FLAGS.log_every))
+  warmup = FLAGS.log_every * intervals(FLAGS.warmup_steps)
+  total_steps = warmup + FLAGS.log_every * intervals(FLAGS.steps)
   if FLAGS.workdir and os.path.exists(FLAGS.workdir):
     raise TrainSpeedError(f'--workdir: {FLAGS.workdir} exists; pass a new directory.')
 
@@ -134,15 +137,15 @@ def main(argv):
           f'mixup={config.mix.mixup}, cutmix={config.mix.cutmix}; tf.data threads: '
           f'{config.data.threads or "all"}')
     loop.train_and_evaluate(config, workdir)
-    rows = timed_rows(workdir, FLAGS.log_every)
-  got = summarize(rows, batch, jax.device_count(), FLAGS.log_every)
+    rows = timed_rows(workdir, warmup)
+  got = summarize(rows, batch, jax.device_count(), warmup)
   device = jax.devices()[0]
   cores = os.cpu_count()
   cpu_ms = got['host_cpu_ms_per_image']
   print(f'jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform}), '
         f'host {platform.processor() or platform.machine()} with {cores} cores')
-  print(f'timed: steps {FLAGS.log_every + 1}-{FLAGS.log_every + got["timed_steps"]} (after '
-        f'{FLAGS.log_every} untimed: compilation, the pipeline\'s start)')
+  print(f'timed: steps {warmup + 1}-{warmup + got["timed_steps"]} (after {warmup} untimed: '
+        'compilation, the pipeline\'s start)')
   print(f'  {got["img_s"]:9.1f} images/s')
   print(f'  {100 * got["input_wait"]:9.1f} % of the time the step waited for input')
   includes = '; includes the CPU device\'s train step' if device.platform == 'cpu' else ''

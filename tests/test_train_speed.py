@@ -19,11 +19,12 @@ def _train_speed(*args) -> subprocess.CompletedProcess:
 
 def test_train_speed_prints_and_saves_the_loops_own_figures(tmp_path):
   workdir, rows = tmp_path / 'run', tmp_path / 'rows.jsonl'
-  out = _train_speed('--steps=3', '--log_every=2', '--target_img_s=1000', f'--workdir={workdir}',
-                     f'--json={rows}')
+  out = _train_speed('--steps=3', '--warmup_steps=1', '--log_every=2', '--target_img_s=1000',
+                     f'--workdir={workdir}', f'--json={rows}')
   assert out.returncode == 0, out.stderr[-3000:]
   row, = [json.loads(line) for line in rows.read_text().splitlines()]
-  # Steps 3-6 timed (3 rounded up to two log intervals of 2), after the untimed steps 1-2.
+  # Steps 3-6 timed (3 rounded up to two log intervals of 2), after the untimed steps 1-2
+  # (1 rounded up to one interval).
   assert row['timed_steps'] == 4 and 'timed: steps 3-6 (after 2 untimed' in out.stdout, out.stdout
   logged = [r for r in curves.read(str(workdir)) if 'perf/input_wait' in r]
   assert [r['step'] for r in logged] == [2, 4, 6]
