@@ -1,28 +1,38 @@
-"""Host-side input speed: train and eval preprocessing images/s, total and per tf.data thread.
+"""Host-side input speed: train and eval CPU milliseconds per image, and images/s.
 
   python benchmarks/input_speed.py                         # hvt_digits at 224 (offline)
   python benchmarks/input_speed.py --synthetic             # ImageNet-sized JPEGs (~500x375)
   python benchmarks/input_speed.py --dataset=imagenet2012 --data_dir=/data/tfds
   python benchmarks/input_speed.py --threads=4 --recipe=plain
+  python benchmarks/input_speed.py --synthetic --breakdown  # where the train milliseconds go
 
-It times the real tf.data pipelines of `input_pipeline` (read, shuffle, decode-and-crop,
-RandAugment, erasing, batch) up to host numpy batches; device transfer is left out. The number
-of tf.data threads is fixed (`--threads`, default: every core), so the per-thread figure tells
-how many cores a given accelerator throughput needs.
+It times the real tf.data pipelines of `input_pipeline` (read, shuffle, decode-and-crop, resize,
+skip-and-fill, batch) up to host numpy uint8 batches; device transfer and the augmentation the
+train step does on the device are left out. The number of tf.data threads is fixed
+(`--threads`, default: every core), so the per-thread figure tells how many cores a given
+accelerator throughput needs. CPU time (every thread of this process) per image is the figure
+that stays meaningful on a busy or shared machine.
+
+`--breakdown` times the train stream cut after each piece, one tf.data thread: the record stream
+alone (read, shuffle, number), + decode-and-crop of the window, + the resize to S x S, and the
+whole pipeline; the differences are each piece's cost, the rest is tf.data's (skipping and
+filling undecodable records, batching).
 
 hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~110 KB JPEGs:
 `--synthetic` encodes photo-like 500x375 JPEGs of about that size in memory instead.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, input_pipeline
+from hvt_jax.data import datasets, input_pipeline, preprocess
 from synthetic_images import synthetic_jpegs  # beside this file
 
 FLAGS = flags.FLAGS
@@ -33,8 +43,10 @@ flags.DEFINE_integer('image_size', 224, 'output size S (S x S)')
 flags.DEFINE_integer('batch', 64, 'images per batch')
 flags.DEFINE_integer('batches', 20, 'timed batches per measurement, after warm-up ones')
 flags.DEFINE_integer('threads', os.cpu_count(), 'tf.data threads (config.data.threads)')
-flags.DEFINE_enum('recipe', 'paper', ['paper', 'plain'], 'paper: RandAugment + erasing; plain: '
+flags.DEFINE_enum('recipe', 'paper', ['paper', 'plain'], 'paper: the defaults (repeated '
+                  'augmentation on the host; RandAugment and erasing run on the device); plain: '
                   'crop + flip only')
+flags.DEFINE_bool('breakdown', False, 'time the train pipeline piece by piece (one thread)')
 flags.DEFINE_integer('warmup', 3, 'untimed batches first (tracing, buffer filling)')
 
 
@@ -63,6 +75,48 @@ def images_per_sec(dataset, batch: int) -> tuple[float, float]:
   return images / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / images
 
 
+def breakdown(source, config) -> None:
+  """CPU ms per image of the train stream cut after each piece, on one tf.data thread."""
+  size = config.model.image_size
+  aug = config.aug
+  n = source.num_examples
+  repeats = max(1, int(aug.repeated_aug))
+  # The pipeline's own pieces, as train_dataset puts them together (private on purpose).
+  epoch_records = input_pipeline._epoch_records(  # pylint: disable=protected-access
+      source, seed=config.seed, process_index=0, shuffle_buffer=config.data.shuffle_buffer,
+      repeats=repeats, window=max(1, FLAGS.batch // repeats))
+  records = tf.data.Dataset.range(2 ** 40).flat_map(epoch_records)
+
+  def window(epoch, position, record):
+    # pylint: disable-next=protected-access
+    key = input_pipeline._key(config.seed, 0, epoch, input_pipeline._AUGMENT, position)
+    seed = tf.random.experimental.stateless_split(key, 4)[0]
+    fn = functools.partial(preprocess.crop_window, seed=seed, scale=tuple(aug.crop_scale),
+                           ratio=tuple(aug.crop_ratio))
+    return preprocess._decode_cropped(record['image'], fn)  # pylint: disable=protected-access
+
+  pieces = {
+      'record stream (read, shuffle, number)': lambda e, p, r: tf.strings.length(r['image']),
+      '+ decode-and-crop': lambda e, p, r: window(e, p, r)[0, 0, 0],
+      '+ resize': lambda e, p, r: preprocess.resize(window(e, p, r), size, size,
+                                                   aug.interpolation)[0, 0, 0],
+  }
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  timed = {name: records.map(fn).batch(FLAGS.batch).with_options(options)
+           for name, fn in pieces.items()}
+  config.data.threads = 1
+  timed['whole train pipeline'] = input_pipeline.train_dataset(
+      source, config, process_index=0, local_batch=FLAGS.batch)
+  previous = 0.0
+  print(f'train pipeline piece by piece, 1 tf.data thread, {size}x{size}:')
+  for name, ds in timed.items():
+    _, cpu_ms = images_per_sec(ds, FLAGS.batch)
+    print(f'  {name:40s} {cpu_ms:5.2f} CPU ms per image (+{cpu_ms - previous:5.2f})')
+    previous = cpu_ms
+
+
 def main(argv):
   del argv
   config = config_for_run()
@@ -80,6 +134,10 @@ def main(argv):
     eval_source = input_pipeline.tfds_source(b, eval_split)
     what = f'{b.name} ({config.data.train_split} / {eval_split}) from {b.data_dir}'
 
+  if FLAGS.breakdown:
+    print(f'data: {what}')
+    breakdown(train_source, config)
+    return
   train = input_pipeline.train_dataset(train_source, config, process_index=0,
                                        local_batch=FLAGS.batch)
   # Eval: endless passes, so the measurement can outlast a small split.
@@ -88,9 +146,10 @@ def main(argv):
 
   threads = FLAGS.threads
   print(f'data: {what}')
-  print(f'output {FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch}, recipe '
-        f'{FLAGS.recipe} (randaugment={config.aug.randaugment!r}, random_erase='
-        f'{config.aug.random_erase}), tf.data threads: {threads} of {os.cpu_count()} CPU cores')
+  print(f'output uint8 {FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch}, recipe '
+        f'{FLAGS.recipe} (repeated_aug={config.aug.repeated_aug}; flip, RandAugment, erasing '
+        f'and normalization run on the device), tf.data threads: {threads} of {os.cpu_count()} '
+        'CPU cores')
   for name, ds in (('train', train), ('eval', evals)):
     rate, cpu_ms = images_per_sec(ds, FLAGS.batch)
     print(f'{name:5s}: {rate:8.1f} images/s total, {rate / threads:7.1f} per thread; '

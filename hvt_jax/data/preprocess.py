@@ -179,14 +179,15 @@ def resize(image: tf.Tensor, height, width, interpolation: str, *, first=(0, 0),
     return tf.gather(tf.gather(image, rows), cols, axis=1)
   kernel, support = _FILTERS[interpolation]
   in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
-  # PIL resamples the rows first (horizontal pass), then the columns, and rounds in between.
-  # Both passes here resample the leading axis of a (rows, everything else) matrix, so the
-  # image is transposed before each.
-  x = tf.reshape(tf.transpose(image, [1, 0, 2]), [in_w, -1])  # (W, H * 3)
-  x = _resample(x, in_w, width, first[1], count[1], kernel, support)  # (w, H * 3)
-  x = tf.reshape(tf.transpose(tf.reshape(x, [count[1], in_h, 3]), [1, 0, 2]), [in_h, -1])
-  x = _resample(x, in_h, height, first[0], count[0], kernel, support)  # (h, w * 3)
-  return tf.reshape(x, [count[0], count[1], 3])
+  # Both passes resample the leading axis of a (rows, everything else) matrix: the columns
+  # first, on the image as it is, then the rows, on the transposed (smaller) result. PIL
+  # rounds to uint8 between its passes too, but its order depends on its version (its C
+  # source resamples the rows first); the order only moves that rounding, not the filter.
+  x = _resample(tf.reshape(image, [in_h, -1]), in_h, height, first[0], count[0], kernel,
+                support)  # (h, W * 3)
+  x = tf.reshape(tf.transpose(tf.reshape(x, [count[0], in_w, 3]), [1, 0, 2]), [in_w, -1])
+  x = _resample(x, in_w, width, first[1], count[1], kernel, support)  # (w, h * 3)
+  return tf.transpose(tf.reshape(x, [count[1], count[0], 3]), [1, 0, 2])
 
 
 def _nearest(in_size, out_size, first, count) -> tf.Tensor:
