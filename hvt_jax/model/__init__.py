@@ -5,11 +5,13 @@ which file inside this folder defines them.
 """
 from hvt_jax.model.hvt import (HVT, RUN_SETTINGS, VARIANTS, ConfigError, abstract_params, create,
                                field_defaults, init_params, max_pool_tokens, model_fields,
-                               param_count, pools_at, stack_blocks, stacked_dims, stacked_runs,
-                               stage_features, tokens_per_block, unstack_blocks, variant)
+                               param_count, pools_at, resolve_settings, stack_blocks,
+                               stacked_dims, stacked_runs, stage_features, tokens_per_block,
+                               unstack_blocks, variant)
 
 __all__ = ['HVT', 'RUN_SETTINGS', 'VARIANTS', 'ConfigError', 'abstract_params', 'create',
            'field_defaults', 'init_params',
-           'max_pool_tokens', 'model_fields', 'param_count', 'pools_at', 'stack_blocks',
+           'max_pool_tokens', 'model_fields', 'param_count', 'pools_at', 'resolve_settings',
+           'stack_blocks',
            'stacked_dims', 'stacked_runs', 'stage_features', 'tokens_per_block', 'unstack_blocks',
            'variant']

@@ -102,6 +102,25 @@ def tokens_per_block(image_size: int, patch_size: int, depth: int, pool_every: i
 ATTENTION = ('auto', 'xla', 'cudnn')
 
 
+def _cudnn_usable(device, dtype) -> bool:
+  capability = getattr(device, 'compute_capability', None)
+  return (device.platform == 'gpu' and capability is not None and float(capability) >= 8.0
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
+
+
+def _check_cudnn(setting: str, device, dtype) -> bool:
+  """Whether cuDNN's attention can run on `device` in `dtype`; an explicit 'cudnn' that cannot
+  raises ConfigError."""
+  if setting not in ATTENTION:
+    raise ConfigError(f'attention={setting!r}: choose one of {", ".join(ATTENTION)}.')
+  usable = _cudnn_usable(device, dtype)
+  if setting == 'cudnn' and not usable:
+    raise ConfigError(f'attention=cudnn needs an NVIDIA GPU (compute capability 8.0+) and '
+                      f'dtype bfloat16 or float16, not {device.device_kind} with {jnp.dtype(dtype).name}; '
+                      "use attention='auto' or 'xla'.")
+  return usable
+
+
 def attention_implementation(setting: str, dtype, tokens: int) -> str:
   """How blocks of `tokens` tokens attend: 'xla', 'cudnn' or 'cudnn-padded'.
 
@@ -110,19 +129,9 @@ def attention_implementation(setting: str, dtype, tokens: int) -> str:
   tokens after the first pool): there 'auto' runs XLA's attention, and an explicit 'cudnn' pads
   one masked token ('cudnn-padded', see `attend`). Everywhere else 'auto' is XLA's attention.
   """
-  if setting not in ATTENTION:
-    raise ConfigError(f'attention={setting!r}: choose one of {", ".join(ATTENTION)}.')
   if setting == 'xla':
     return setting
-  device = jax.devices()[0]
-  capability = getattr(device, 'compute_capability', None)
-  usable = (device.platform == 'gpu' and capability is not None and float(capability) >= 8.0
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
-  if setting == 'cudnn' and not usable:
-    raise ConfigError(f'attention=cudnn needs an NVIDIA GPU (compute capability 8.0+) and '
-                      f'dtype bfloat16 or float16, not {device.device_kind} with {jnp.dtype(dtype).name}; '
-                      "use attention='auto' or 'xla'.")
-  if not usable:
+  if not _check_cudnn(setting, jax.devices()[0], dtype):
     return 'xla'
   if tokens % 2 == 0:
     return 'cudnn'
@@ -152,25 +161,47 @@ def padded_attention(q, k, v, scale: float, implementation: str):
   return out[:, :n]
 
 
-def scans_blocks(setting: bool | str) -> bool:
+def scans_blocks(setting: bool | str, platform: str | None = None) -> bool:
   """`model.scan_blocks`: True, False, or 'auto', which scans on CPU only.
 
   On CPU the scan trains faster and compiles faster (README, Speed); on a GPU unrolled blocks
   train faster, because the loop copies its carried and stacked buffers every iteration. Config
   files and the command line give strings ('auto', 'true', 'false'); `HVT(...)` also takes bools.
+  `platform`: where the model runs ('cpu', 'gpu', 'tpu'); None: JAX's default backend.
   """
   value = str(setting).lower()
   if value not in ('auto', 'true', 'false'):
     raise ConfigError(f'scan_blocks={setting!r}: choose auto, true or false.')
-  return jax.default_backend() == 'cpu' if value == 'auto' else value == 'true'
+  if value == 'auto':
+    return (platform or jax.default_backend()) == 'cpu'
+  return value == 'true'
 
 
-def compute_dtype(setting: str) -> jnp.dtype:
+def compute_dtype(setting: str, platform: str | None = None) -> jnp.dtype:
   """`model.dtype`: a dtype name, or 'auto' for bfloat16 on GPU and TPU and float32 on CPU
-  (where bfloat16 arithmetic is emulated and slower)."""
+  (where bfloat16 arithmetic is emulated and slower). `platform` as for `scans_blocks`."""
   if setting == 'auto':
-    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
+    on_accelerator = (platform or jax.default_backend()) in ('gpu', 'tpu')
+    return jnp.dtype(jnp.bfloat16 if on_accelerator else jnp.float32)
   return jnp.dtype(setting)
+
+
+def resolve_settings(fields: Mapping[str, Any], devices) -> dict[str, Any]:
+  """`HVT`'s keyword arguments with the 'auto' `dtype`, `scan_blocks` and `attention` decided
+  for `devices`, the devices the model will run on.
+
+  Left 'auto', they are decided when the model is traced, from the host's own default devices:
+  a step compiled on a CPU host for a TPU slice (`python -m hvt_jax.aot`) would get the CPU's
+  float32 and scanned blocks. On a cuDNN-capable GPU `attention` stays 'auto': it is chosen per
+  block from its token count, and a GPU step is traced on its GPU host.
+  """
+  device = next(iter(np.ravel(devices)))
+  fields = {**field_defaults(), **fields}
+  fields['dtype'] = compute_dtype(fields['dtype'], device.platform).name
+  fields['scan_blocks'] = str(scans_blocks(fields['scan_blocks'], device.platform)).lower()
+  if fields['attention'] != 'xla' and not _check_cudnn(fields['attention'], device, fields['dtype']):
+    fields['attention'] = 'xla'
+  return fields
 
 
 def attention_weights(q, k, scale: float, dtype):
