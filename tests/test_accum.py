@@ -34,8 +34,12 @@ def one_update(accum_steps, axes, devices):
   p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
   rng = np.random.default_rng(0)
   put = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
-  batch = {'image': put(rng.normal(size=(64, 16, 16, 3)).astype(np.float32)),
-           'label': put(rng.integers(0, 5, 64).astype(np.int32))}
+  # uint8, augmented in the step (the paper recipe's flip, RandAugment and erasing) before the
+  # split into micro-batches, so both see the same images.
+  batch = {'image': put(rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)),
+           'label': put(rng.integers(0, 5, 64).astype(np.int32)),
+           'example_id': put(np.stack([np.zeros(64), np.zeros(64), np.arange(64)],
+                                      -1).astype(np.int32))}
   temp = p_train.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
   state, metrics = p_train(state, batch)
   return {'step': int(state.step), 'loss': float(metrics['loss']), 'temp_bytes': temp,

@@ -142,8 +142,8 @@ def test_the_train_step_counts_skipped_examples():
   state, _ = train_step.create_state(model, tx, jax.random.key(0), ema=False, mesh=mesh)
   step = jax.jit(functools.partial(train_step.train_step, model=model, tx=tx,
                                    schedule=lambda s: 0.1, config=config))
-  batch = {'image': np.zeros((4, 32, 32, 3), np.float32), 'label': np.arange(4, dtype=np.int32),
-           'ok': np.array([True, False, True, False])}
+  batch = {'image': np.zeros((4, 32, 32, 3), np.uint8), 'label': np.arange(4, dtype=np.int32),
+           'example_id': np.zeros((4, 3), np.int32), 'ok': np.array([True, False, True, False])}
   _, metrics = step(state, batch)
   assert float(metrics['skipped_examples']) == 2
 

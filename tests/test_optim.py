@@ -106,7 +106,8 @@ def test_ema_moves_toward_params():
   state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 ema_params={'w': jnp.zeros_like(params['w'])},
                                 opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
-  batch = {'image': jnp.ones((2, size, size, 3)), 'label': jnp.zeros((2,), jnp.int32)}
+  batch = {'image': jnp.ones((2, size, size, 3), jnp.uint8), 'label': jnp.zeros((2,), jnp.int32),
+           'example_id': jnp.zeros((2, 3), jnp.int32)}
   new, _ = train_step.train_step(state, batch, model=_Linear(), tx=tx, schedule=lambda _: 0.0,
                                  config=config)
   np.testing.assert_allclose(new.params['w'], params['w'])

@@ -79,7 +79,9 @@ def train_images(images: jax.Array, example_ids: jax.Array, *, seed: int, aug: A
       x = random_erase(x, erase_key, erase)
     return x
 
-  return jax.vmap(one)(images, example_keys(seed, example_ids))
+  # Computed once: mixup and the model read the images more than once, and XLA would fuse
+  # the augmentation into each reader.
+  return jax.lax.optimization_barrier(jax.vmap(one)(images, example_keys(seed, example_ids)))
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:

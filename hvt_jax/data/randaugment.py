@@ -552,6 +552,9 @@ def _layer(image, draws, names: Sequence[str], fill, level):
   per pixel, against the model's tens of thousands (docs: /work/notes/device-aug-docs.md).
   """
   index, applied, magnitude, sign = draws
+  # Several kernels read the image: XLA would otherwise fuse its producer (the last layer, the
+  # flip) into each of them and compute it again per reader.
+  image = jax.lax.optimization_barrier(image)
   kinds = [_SPECS[name][0] for name in names]
   kind_of = np.array([_KINDS.index(k) for k in kinds] + [len(_KINDS)], np.int32)
   slot_of = np.array([kinds[:i].count(k) for i, k in enumerate(kinds)], np.int32)

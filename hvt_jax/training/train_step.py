@@ -4,6 +4,9 @@ Everything runs under `jax.jit` on global arrays: the batch is split over the
 mesh, parameters are replicated (or FSDP-split), and XLA inserts the gradient
 all-reduce. A mean over the global batch is therefore the true mean; no
 per-device loss scaling is needed.
+
+Batches hold uint8 images as the input pipeline gives them: the train step augments and
+normalizes them itself (data/augment.py), the eval step normalizes them.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hvt_jax.data import mixup
+from hvt_jax.data import augment, mixup
 from hvt_jax.training import sharding
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -108,8 +111,32 @@ def micro_batches(x: jax.Array, k: int) -> jax.Array:
   return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
+def _uint8_images(batch, needs_ids: bool) -> jax.Array:
+  """The batch's images, which must be uint8 as the input pipeline gives them: the steps
+  normalize (and augment) on the device, so float images would be normalized twice."""
+  image = batch['image']
+  if image.dtype != jnp.uint8 or (needs_ids and 'example_id' not in batch):
+    raise TypeError(
+        "the train and eval steps take the input pipeline's batches: 'image' uint8 "
+        "(B, S, S, 3), not normalized float" + (", and 'example_id' int32 (B, 3)" if needs_ids
+                                               else '') + f'; got {image.dtype} images.')
+  return image
+
+
+def train_images(batch, config) -> jax.Array:
+  """The batch's uint8 images, augmented per example and normalized: what the model trains on.
+
+  Each example's augmentation follows from config.seed and its 'example_id' alone, so the
+  mesh, the batch's row order and accumulation leave it unchanged.
+  """
+  return augment.train_images(_uint8_images(batch, needs_ids=True), batch['example_id'],
+                              seed=int(config.seed), aug=config.aug, mean=config.eval.mean,
+                              std=config.eval.std)
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, config,
                micro_sharding=None) -> tuple:
+  """One optimizer update from a batch {'image': uint8, 'label', 'example_id'[, 'ok']}."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mix_key, dropout_key = jax.random.split(step_key)
 
@@ -127,12 +154,13 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   # micro-batch as a step of the inner optimizer's schedule and would need k calls per update;
   # here one call is one update, so the lr schedule, EMA, step count and checkpoints stay per
   # optimizer step and `batch_size` stays the batch of one update.
+  # Augmented before mixup and before the micro-batch split, as the host pipeline did.
+  images = train_images(batch, config)
   k = int(config.accum_steps)
   if k == 1:
-    grads, loss, hits = grads_of(state.params, batch['image'], batch['label'], mix_key,
-                                 dropout_key)
+    grads, loss, hits = grads_of(state.params, images, batch['label'], mix_key, dropout_key)
   else:
-    micro = [micro_batches(batch[name], k) for name in ('image', 'label')]
+    micro = [micro_batches(x, k) for x in (images, batch['label'])]
     if micro_sharding is not None:
       micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
 
@@ -187,9 +215,13 @@ def choose(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
-  """Sums over the real (mask 1) examples of a padded batch: top-1/top-5 hits, loss, count."""
-  logits = model.apply({'params': params}, batch['image']).astype(jnp.float32)
+def eval_step(params, batch, *, model, mean, std) -> dict[str, jax.Array]:
+  """Sums over the real (mask 1) examples of a padded batch: top-1/top-5 hits, loss, count.
+
+  `batch['image']`: uint8, normalized here with `mean`, `std` (config.eval's).
+  """
+  images = augment.normalize(_uint8_images(batch, needs_ids=False), mean, std)
+  logits = model.apply({'params': params}, images).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   k = min(5, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
@@ -211,6 +243,7 @@ def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
 def jit_steps(model, tx, schedule, config, shardings, mesh):
   """The train step (state donated) and the eval step, compiled for this mesh."""
   check_accum(config.batch_size, config.accum_steps, mesh.size)
+  augment.check_settings(config.aug)  # one line now rather than a traceback when tracing
   batch = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   micro = jax.sharding.NamedSharding(mesh, jax.P(None, *sharding.batch_spec(mesh)))
@@ -218,6 +251,7 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         micro_sharding=micro),
       in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, model=model),
+  evaluate = jax.jit(functools.partial(eval_step, model=model, mean=tuple(config.eval.mean),
+                                       std=tuple(config.eval.std)),
                      in_shardings=(shardings.params, batch), out_shardings=replicated)
   return train, evaluate

@@ -1,0 +1,143 @@
+"""What the on-device augmentation (flip, RandAugment, normalization, random erasing; issue 25)
+adds to the train step: XLA's FLOP count and the step time, with and without it.
+
+  python benchmarks/augment_cost.py                        # HVT-S-1, batch 16, paper recipe
+  python benchmarks/augment_cost.py --batch=64 --steps=5   # on an accelerator
+  python benchmarks/augment_cost.py --steps=0              # FLOPs only
+
+Both steps are the real train step (`train_step.jit_steps`: mixup/cutmix, AdamW, EMA) on uint8
+batches. "With" is the paper recipe (`--randaugment`, `--random_erase`, flip); "without" turns
+flip, RandAugment and erasing off, so what is left of the augmentation is the normalization.
+Steps are timed interleaved (`--repeats` rounds of `--steps` steps each, after warm-up), and the
+medians are compared. FLOPs come from XLA's cost analysis of the step with every block unrolled
+(a loop body counts once), and of `augment.train_images` alone, per image.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from hvt_jax import defaults
+from hvt_jax import model as model_lib
+from hvt_jax.data import augment
+from hvt_jax.training import optim, sharding, train_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'hvt-s-1', 'model variant')
+flags.DEFINE_integer('batch', 16, 'global batch size')
+flags.DEFINE_integer('steps', 3, 'timed steps per round; 0: FLOPs only')
+flags.DEFINE_integer('repeats', 3, 'interleaved rounds; medians are compared')
+flags.DEFINE_string('dtype', None, 'compute dtype; default bfloat16 on accelerators, float32 on CPU')
+flags.DEFINE_string('randaugment', 'rand-m9-mstd0.5-inc1', 'the "with" side\'s RandAugment spec')
+flags.DEFINE_float('random_erase', 0.25, 'the "with" side\'s erasing probability')
+
+
+def _config(augmented: bool, dtype: str):
+  config = defaults.train_config()
+  config.model = model_lib.variant(FLAGS.model, drop_path=0.1, dtype=dtype)
+  config.batch_size = FLAGS.batch
+  if augmented:
+    config.aug.update(flip=True, randaugment=FLAGS.randaugment, random_erase=FLAGS.random_erase)
+  else:
+    config.aug.update(flip=False, randaugment='', random_erase=0.0)
+  return config
+
+
+class Side:
+  """One config's compiled train step, its state and a batch, and its unrolled FLOP count."""
+
+  def __init__(self, augmented: bool, dtype: str, mesh):
+    self.config = config = _config(augmented, dtype)
+    model = model_lib.HVT(**config.model)
+    schedule = optim.lr_schedule(config.optim, FLAGS.batch, config.num_epochs, 1000)
+    tx = optim.make(config.optim, schedule)
+    spec = sharding.batch_sharding(mesh)
+    size = model.image_size
+    abstract = {'image': jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), np.uint8, sharding=spec),
+                'label': jax.ShapeDtypeStruct((FLAGS.batch,), np.int32, sharding=spec),
+                'example_id': jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32, sharding=spec)}
+    unrolled = model.clone(scan_blocks=False)
+    state, shardings = train_step.abstract_state(unrolled, tx, ema=True, mesh=mesh)
+    p_unrolled, _ = train_step.jit_steps(unrolled, tx, schedule, config, shardings, mesh)
+    self.flops = _flops(p_unrolled.lower(state, abstract))
+    self.train = None
+    if FLAGS.steps:
+      self.state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True,
+                                                      mesh=mesh)
+      p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+      self.train = p_train.lower(self.state, abstract).compile()
+      rng = np.random.default_rng(0)
+      self.batch = jax.device_put(
+          {'image': rng.integers(0, 256, (FLAGS.batch, size, size, 3), dtype=np.uint8),
+           'label': rng.integers(0, model.num_classes, FLAGS.batch).astype(np.int32),
+           'example_id': np.stack([np.zeros(FLAGS.batch), np.zeros(FLAGS.batch),
+                                   np.arange(FLAGS.batch)], -1).astype(np.int32)}, spec)
+      self.step = 0
+
+  def seconds_per_step(self, steps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      # A new epoch each call: other examples, so other ops and boxes, as in training.
+      self.step += 1
+      ids = self.batch['example_id'].at[:, 1].set(self.step)
+      self.state, metrics = self.train(self.state, {**self.batch, 'example_id': ids})
+    jax.block_until_ready(metrics['loss'])
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def _flops(program) -> float:
+  cost = program.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def augment_flops_per_image(config) -> float:
+  """XLA's FLOPs of `augment.train_images` alone, per image, at the model's image size."""
+  size = config.model.image_size
+  fn = jax.jit(lambda x, ids: augment.train_images(
+      x, ids, seed=0, aug=config.aug, mean=config.eval.mean, std=config.eval.std))
+  lowered = fn.lower(jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), np.uint8),
+                     jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32))
+  return _flops(lowered) / FLAGS.batch
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
+  mesh = sharding.make_mesh(defaults.train_config().mesh)
+  sides = {'with': Side(True, dtype, mesh), 'without': Side(False, dtype, mesh)}
+  print(f'{FLAGS.model}, batch {FLAGS.batch}, {dtype}, {device.device_kind} x{mesh.size}; '
+        f'with: flip, {FLAGS.randaugment}, random_erase {FLAGS.random_erase}')
+  flops = {k: s.flops for k, s in sides.items()}
+  aug_flops = augment_flops_per_image(sides['with'].config)
+  print(f'train step FLOPs (XLA, unrolled): with {flops["with"] / 1e9:.2f} G, without '
+        f'{flops["without"] / 1e9:.2f} G: +{100 * (flops["with"] / flops["without"] - 1):.2f}%')
+  print(f'augmentation alone (train_images): {aug_flops / 1e6:.1f} MFLOP per image, '
+        f'{100 * aug_flops * FLAGS.batch / flops["without"]:.2f}% of the step without it')
+  if not FLAGS.steps:
+    return
+  times = {k: [] for k in sides}
+  for side in sides.values():  # warm-up
+    side.seconds_per_step(1)
+  for _ in range(FLAGS.repeats):
+    for k, side in sides.items():
+      times[k].append(side.seconds_per_step(FLAGS.steps))
+  # Wall time, and the CPU time of all of the process's threads: on a shared machine the
+  # second is the steadier measure of the work done.
+  for i, what in enumerate(('wall', 'CPU')):
+    median = {k: statistics.median(t[i] for t in v) for k, v in times.items()}
+    print(f'step {what} time (median of {FLAGS.repeats} x {FLAGS.steps}): with '
+          f'{median["with"] * 1e3:.0f} ms, without {median["without"] * 1e3:.0f} ms: '
+          f'+{100 * (median["with"] / median["without"] - 1):.1f}%')
+    print(f'  rounds ({what} ms): ' + '; '.join(
+        f'{k} ' + ' '.join(f'{t[i] * 1e3:.0f}' for t in v) for k, v in times.items()))
+
+
+if __name__ == '__main__':
+  app.run(main)
