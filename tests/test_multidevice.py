@@ -24,9 +24,11 @@ config.model = model_lib.variant('hvt-s-1', image_size=16, patch_size=4, num_hea
 config.batch_size = 16
 config.optim.update(lr=1e-3, warmup_epochs=0)
 config.mix.update(mixup=0.8, cutmix=1.0)
+assert config.aug.randaugment and config.aug.random_erase and config.aug.flip  # on-device aug too
 model = model_lib.HVT(**config.model)
 rng = np.random.default_rng(0)
-images = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
+images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)  # augmented in the step
+ids = np.stack([np.zeros(16), np.ones(16), np.arange(16)], -1).astype(np.int32)
 labels = rng.integers(0, 10, 16).astype(np.int32)
 devices = jax.devices()
 out = {}
@@ -38,7 +40,7 @@ for name, axes, devs in [('1', (('data', 1),), devices[:1]), ('8', (('data', 8),
   state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True, mesh=mesh)
   p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
   put = lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x)
-  batch = {'image': put(images), 'label': put(labels)}
+  batch = {'image': put(images), 'label': put(labels), 'example_id': put(ids)}
   losses = []
   for _ in range(2):
     state, metrics = p_train(state, batch)

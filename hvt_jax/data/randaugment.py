@@ -549,7 +549,7 @@ def _layer(image, draws, names: Sequence[str], fill, level):
   bilinear sample, one blend) and every op's parameter (six LUTs, five coefficient vectors,
   four degenerate images), not fifteen full ops. That is what sharing the kernels buys: the
   kernels are elementwise or gathers over one image, so the whole is a few dozen operations
-  per pixel, against the model's tens of thousands (docs: /work/notes/device-aug-docs.md).
+  per pixel, against the model's tens of thousands (benchmarks/augment_cost.py measures it).
   """
   index, applied, magnitude, sign = draws
   # Several kernels read the image: XLA would otherwise fuse its producer (the last layer, the
