@@ -216,12 +216,12 @@ def train_dataset(source: Source, config: ml_collections.ConfigDict, *, process_
   check_some_decode(source, augment, config)
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
-  ds = skip_undecodable(ds, augment, config.model.image_size)
+  ds = skip_undecodable(ds, augment)
   ds = ds.batch(local_batch, drop_remainder=True).map(fill_skipped)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
 
 
-def skip_undecodable(ds: tf.data.Dataset, augment: Callable, size: int) -> tf.data.Dataset:
+def skip_undecodable(ds: tf.data.Dataset, augment: Callable) -> tf.data.Dataset:
   """`ds.map(augment)`, where a record that fails (a corrupt image) becomes a placeholder
   with 'ok' False instead of ending the run.
 
