@@ -23,6 +23,7 @@ model.json records (`preprocess`). An existing `OUT` is never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import flags
@@ -124,6 +125,25 @@ def write_stablehlo(output: str, model: model_lib.HVT, params, **meta) -> str:
   return checkpoint.write_dir(output, fill)
 
 
+@contextlib.contextmanager
+def _without_shape_assertions():
+  """Lowers JAX's shape checks to nothing while a SavedModel is built.
+
+  JAX writes them as a StableHLO custom call (`vhlo.custom_call_v2`) newer than the StableHLO that
+  TensorFlow carries (jax 0.12 against TF 2.21), so TF could not load the graph at all; JAX offers
+  no switch to leave them out (`DisabledSafetyCheck` covers platforms and custom calls only). The
+  one check a polymorphic batch needs, at least one image, is made in TF instead (`serve`).
+  """
+  from jax._src.export import shape_poly
+  from jax._src.interpreters import mlir
+  previous = mlir._lowerings[shape_poly.shape_assertion_p]
+  mlir.register_lowering(shape_poly.shape_assertion_p, lambda ctx, *args, **params: [])
+  try:
+    yield
+  finally:
+    mlir._lowerings[shape_poly.shape_assertion_p] = previous
+
+
 def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
   import tensorflow as tf  # only this format needs TensorFlow's graph side
   from jax.experimental import jax2tf
@@ -139,7 +159,10 @@ def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
   @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name='images')],
                autograph=False)
   def serve(images):
-    return {'logits': forward(module.params, images)}
+    batch = tf.shape(images)[0]
+    with tf.control_dependencies([tf.debugging.assert_positive(
+        batch, message='serving_default needs at least one image')]):
+      return {'logits': forward(module.params, images)}
 
   module.serve = serve
 
@@ -154,7 +177,8 @@ def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
     checkpoint.write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
                 _description(model, 'savedmodel', **meta, platforms=list(PLATFORMS)))
 
-  return checkpoint.write_dir(output, fill)
+  with _without_shape_assertions():  # jax2tf lowers the model when the save traces `serve`
+    return checkpoint.write_dir(output, fill)
 
 
 def write_pytorch(output: str, model: model_lib.HVT, params, **meta) -> str:
