@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from hvt_jax.errors import UserError
+# One error class for bad augmentation settings, on the host and on the device alike.
+from hvt_jax.data.augment import AugmentConfigError
 
 _ATTEMPTS = 10  # timm's tries for the crop window
 # Output rows resampled together by one small dense matmul: the rows a block reads overlap, so a
@@ -28,10 +29,6 @@ _ATTEMPTS = 10  # timm's tries for the crop window
 _BLOCK = 8
 
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # top, left, height, width
-
-
-class AugmentConfigError(UserError):
-  """An `aug` or eval setting the transforms cannot use."""
 
 
 def _bicubic(x: tf.Tensor) -> tf.Tensor:
