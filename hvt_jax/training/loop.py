@@ -174,9 +174,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
   tx = optim.make(config.optim, schedule)
   # A resumed run replaces this fresh state with the checkpoint's (after seconds of init).
-  state, shardings = train_step.create_state(model, tx, jax.random.key(config.seed),
+  # The steps' model: its 'auto' settings decided for the mesh's devices; the saved one keeps them.
+  step_model = model_lib.HVT(**model_lib.resolve_settings(config.model, mesh.devices))
+  state, shardings = train_step.create_state(step_model, tx, jax.random.key(config.seed),
                                              ema=config.ema_decay > 0, mesh=mesh)
-  p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+  p_train, p_eval = train_step.jit_steps(step_model, tx, schedule, config, shardings, mesh)
   run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
             model_meta(config, model, dataset), dataset, p_train, p_eval)

@@ -123,19 +123,44 @@ def _uint8_images(batch, needs_ids: bool) -> jax.Array:
   return image
 
 
-def train_images(batch, config) -> jax.Array:
+# Examples per device that one round of the on-device augmentation takes at a time.
+_AUGMENT_PER_DEVICE = 8
+
+
+def augment_chunks(batch_size: int, num_devices: int) -> int:
+  """How many rounds the augmentation of a batch takes: each round has `_AUGMENT_PER_DEVICE`
+  examples per device (or all of a device's share, if smaller, or the nearest divisor of it)."""
+  per_device = max(1, batch_size // num_devices)
+  rounds = max(1, per_device // _AUGMENT_PER_DEVICE)
+  while per_device % rounds:
+    rounds -= 1
+  return rounds
+
+
+def train_images(batch, config, chunks: int = 1, chunk_sharding=None) -> jax.Array:
   """The batch's uint8 images, augmented per example and normalized: what the model trains on.
 
   Each example's augmentation follows from config.seed and its 'example_id' alone, so the
-  mesh, the batch's row order and accumulation leave it unchanged.
+  mesh, the batch's row order and accumulation leave it unchanged. In `chunks` rounds, one after
+  the other: vmapped, RandAugment computes every branch for every image, and all at once its
+  temporaries for a large batch would outgrow the model's own (over a chip's HBM at batch 1024 on
+  a TPU v5e-8). The rounds are strided like micro-batches, so each device augments its own rows.
   """
-  return augment.train_images(_uint8_images(batch, needs_ids=True), batch['example_id'],
-                              seed=int(config.seed), aug=config.aug, mean=config.eval.mean,
-                              std=config.eval.std)
+  images = _uint8_images(batch, needs_ids=True)
+  augment_ = functools.partial(augment.train_images, seed=int(config.seed), aug=config.aug,
+                               mean=config.eval.mean, std=config.eval.std)
+  if chunks == 1:
+    return augment_(images, batch['example_id'])
+  parts = [micro_batches(x, chunks) for x in (images, batch['example_id'])]
+  if chunk_sharding is not None:
+    parts = jax.lax.with_sharding_constraint(parts, chunk_sharding)
+  out = jax.lax.map(lambda xs: augment_(*xs), tuple(parts))
+  # micro_batches' inverse: round j, row i is example i * chunks + j.
+  return jnp.swapaxes(out, 0, 1).reshape(images.shape[:1] + out.shape[2:])
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, config,
-               micro_sharding=None) -> tuple:
+               micro_sharding=None, augment_rounds: int = 1) -> tuple:
   """One optimizer update from a batch {'image': uint8, 'label', 'example_id'[, 'ok']}."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mix_key, dropout_key = jax.random.split(step_key)
@@ -155,7 +180,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule: Callable, confi
   # here one call is one update, so the lr schedule, EMA, step count and checkpoints stay per
   # optimizer step and `batch_size` stays the batch of one update.
   # Augmented before mixup and before the micro-batch split, as the host pipeline did.
-  images = train_images(batch, config)
+  images = train_images(batch, config, augment_rounds, micro_sharding)
   k = int(config.accum_steps)
   if k == 1:
     grads, loss, hits = grads_of(state.params, images, batch['label'], mix_key, dropout_key)
@@ -249,7 +274,8 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
   micro = jax.sharding.NamedSharding(mesh, jax.P(None, *sharding.batch_spec(mesh)))
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
-                        micro_sharding=micro),
+                        micro_sharding=micro,
+                        augment_rounds=augment_chunks(config.batch_size, mesh.size)),
       in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model, mean=tuple(config.eval.mean),
                                        std=tuple(config.eval.std)),
