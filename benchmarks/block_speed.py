@@ -108,7 +108,7 @@ def main():
     return
   # Bare products. The MLP's first layer: forward, input gradient, weight gradient. Attention's
   # batched per-head products, q k^T and p v: XLA:CPU hands these to YNNPACK, which runs a
-  # batched product on one thread (README, Speed).
+  # batched product on one thread (docs/performance.md).
   m, k, f = b * n, width, 4 * width
   a, w = x.reshape(m, k), jax.random.normal(jax.random.key(3), (k, f), dtype)
   dy = jax.random.normal(jax.random.key(4), (m, f), dtype)

@@ -70,6 +70,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
                              jax.tree.leaves(params_of(broken, ema=True))[0], rtol=1e-6, atol=1e-7)
 
 
+# The paper recipe's flip, RandAugment and random erasing, which run inside the train step.
+DEVICE_AUG = ('--config.aug.flip=True', '--config.aug.randaugment=rand-m9-mstd0.5-inc1',
+              '--config.aug.random_erase=0.25')
+
+
+@pytest.mark.slow
+def test_resume_with_device_augmentation_is_bit_exact(tmp_path):
+  """Each example's augmentation follows from the run seed and its place in the stream, so a run
+  stopped after a checkpoint and resumed ends with the very parameters of one that was not."""
+  whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+  run_main(whole, '--config.max_steps=8', *DEVICE_AUG)
+  run_main(resumed, '--config.max_steps=4', *DEVICE_AUG)
+  assert checkpoint.manager(str(resumed), read_only=True).latest_step() == 4
+  assert 'Resumed' in run_main(resumed, '--config.max_steps=8', *DEVICE_AUG).stderr
+  for x, y in zip(jax.tree.leaves(params_of(whole)), jax.tree.leaves(params_of(resumed))):
+    np.testing.assert_array_equal(x, y)
+  # And the augmentation is on: the same run without it ends elsewhere.
+  plain = tmp_path / 'plain'
+  run_main(plain, '--config.max_steps=8')
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params_of(whole)),
+                                                      jax.tree.leaves(params_of(plain))))
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc = run_main(tmp_path, '--config.max_steps=100000', '--config.checkpoint_every_steps=1000',
                   '--config.eval_every_steps=1000', wait=False)

@@ -164,7 +164,7 @@ def padded_attention(q, k, v, scale: float, implementation: str):
 def scans_blocks(setting: bool | str, platform: str | None = None) -> bool:
   """`model.scan_blocks`: True, False, or 'auto', which scans on CPU only.
 
-  On CPU the scan trains faster and compiles faster (README, Speed); on a GPU unrolled blocks
+  On CPU the scan trains faster and compiles faster (docs/performance.md); on a GPU unrolled blocks
   train faster, because the loop copies its carried and stacked buffers every iteration. Config
   files and the command line give strings ('auto', 'true', 'false'); `HVT(...)` also takes bools.
   `platform`: where the model runs ('cpu', 'gpu', 'tpu'); None: JAX's default backend.
@@ -221,7 +221,7 @@ def softmax_attention(q, k, v, scale: float):
   The values are those of `attention_weights(q, k, scale) @ v`; the gradient is the textbook
   one: four batched products and one elementwise pass for the softmax. XLA:CPU compiled
   autodiff's gradient of the softmax with extra zero-filled (B, heads, N, N) buffers and passes;
-  the attention layer's forward and backward is ~10% faster with this one on CPU (README, Speed).
+  the attention layer's forward and backward is ~10% faster with this one on CPU (docs/performance.md).
   """
   return _softmax_attention_fwd(q, k, v, scale)[0]
 
@@ -265,7 +265,7 @@ class Attention(nn.Module):
     if self.implementation == 'xla' or dropout:
       # XLA's attention in (B, heads, N, head_dim) order: one transpose in, one out, and batched
       # matrix products. With the 2-D projections the layer's forward and backward went from 154
-      # to 110 ms on CPU at batch 16 (README, Speed). Attention dropout needs the weights, so it
+      # to 110 ms on CPU at batch 16 (docs/performance.md). Attention dropout needs the weights, so it
       # always runs here, differentiated by autodiff.
       q, k, v = qkv.transpose(2, 0, 3, 1, 4)
       if dropout:
@@ -308,7 +308,7 @@ def gelu(x):
   Within 2e-6 of `nn.gelu(x, approximate=False)`, whose erfc form XLA expands into two
   polynomials, an exp and a select: one pass over an MLP activation took 2.7 ms on CPU, this
   one 1.0 ms. Autodiff of the erfc form also kept three more activation-sized intermediates per
-  block than the one input `_gelu_bwd` needs (README, Speed). 16-bit inputs are computed in
+  block than the one input `_gelu_bwd` needs (docs/performance.md). 16-bit inputs are computed in
   float32.
   """
   x32 = x.astype(jnp.float32)
@@ -338,7 +338,7 @@ class Mlp(nn.Module):
   def __call__(self, x, train: bool):
     # Tokens flattened to one (B * N, width) matrix: the weight gradient then contracts one
     # axis, not two, which XLA:CPU runs as a plain GEMM (an MLP's forward and backward at batch
-    # 16: 152 -> 133 ms; README, Speed).
+    # 16: 152 -> 133 ms; docs/performance.md).
     b, n, width = x.shape
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name='fc1')(
         x.reshape(b * n, width))
@@ -354,7 +354,7 @@ class PatchEmbed(nn.Module):
   The official stride-p convolution, computed as one matrix product over flattened patches.
   The parameters keep the convolution's layout (HWIO kernel), so weights load unchanged, and
   the values are the same. XLA:GPU ran the convolution through cuDNN at about 38 TFLOP/s with an
-  Ampere kernel on an H100; the product runs on cuBLAS (README, Speed). On CPU it is no slower.
+  Ampere kernel on an H100; the product runs on cuBLAS (docs/performance.md). On CPU it is no slower.
   """
   width: int
   patch: int
@@ -436,7 +436,7 @@ class Block(nn.Module):
 # stream between attention and MLP. LayerNorm, GELU, dropout masks and the per-head views are
 # recomputed from them. The loop stores each saved value in a stacked buffer that XLA zero-fills,
 # writes and reads back every step: autodiff's default kept ~166 MB per block at batch 16, these
-# ~63 MB, and the CPU train step is faster for it (README, Speed). For XLA's attention only:
+# ~63 MB, and the CPU train step is faster for it (docs/performance.md). For XLA's attention only:
 # cuDNN's fused attention has residuals of its own, which a names-only policy would recompute.
 SCAN_SAVES = jax.checkpoint_policies.save_only_these_names(
     'qkv', 'attention_weights', 'attention_out', 'residual', 'mlp_hidden')
@@ -477,7 +477,7 @@ class HVT(nn.Module):
   remat: bool = False  # recompute each block's activations in the backward pass: less memory
   # True: run each stage's identical blocks as one lax.scan over their stacked parameters
   # (compiles faster; on CPU trains faster too). False: every block unrolled (trains faster on a
-  # GPU). 'auto': scan on CPU only (README, Speed). Parameters keep their `blocks_{i}` names.
+  # GPU). 'auto': scan on CPU only (docs/performance.md). Parameters keep their `blocks_{i}` names.
   scan_blocks: bool | str = 'auto'
 
   def __post_init__(self):
@@ -599,7 +599,7 @@ def abstract_params(model: HVT) -> dict:
 # stacked arrays, `blocks_{first}_to_{last - 1}`, which the scan reads as it is. Kept per block,
 # every step stacked the parameters and split the gradients again, and the optimizer and EMA
 # compiled a kernel per block's leaf: the HVT-S-1 train step compiled in ~6.5 s instead of ~4 s
-# (README, Speed). Everything saved or handed to users holds `blocks_{i}` (`unstack_blocks`).
+# (docs/performance.md). Everything saved or handed to users holds `blocks_{i}` (`unstack_blocks`).
 _STACKED = re.compile(r'blocks_(\d+)_to_(\d+)')
 
 
