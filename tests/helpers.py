@@ -1,4 +1,5 @@
 """What many tests share: where the checkout is, a tiny model, and running the commands."""
+import json
 import os
 import pathlib
 import socket
@@ -37,6 +38,16 @@ def run_main(workdir, *overrides, check=True, timeout=400, env=None, wait=True):
   """Trains with the tiny config in `workdir`; `overrides` are `--config.<key>=<value>` flags."""
   return run('main', f'--config={TINY_CONFIG}', f'--workdir={workdir}', *overrides, check=check,
              timeout=timeout, env=env, wait=wait)
+
+
+def run_on_devices(script: str, devices: int = 8, timeout: int = 600) -> dict:
+  """Runs Python `script` in a fresh process with `devices` simulated CPU devices and returns
+  the JSON it prints after 'RESULT' (a process, since the device count is fixed at start-up)."""
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.split('RESULT', 1)[1])
 
 
 def free_port() -> int:

@@ -1,15 +1,11 @@
 """Gradient accumulation: k micro-batches make one optimizer update of the whole batch."""
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from hvt_jax import defaults
 from hvt_jax.training import train_step
-from tests.helpers import REPO
+from tests import helpers
 
 # One update of a batch of 64, whole and as 4 micro-batches of 16, on the given mesh; with
 # mixup and dropout off both see the same examples and labels, so the updates must agree.
@@ -55,11 +51,7 @@ print('RESULT' + json.dumps(out))
 
 
 def test_four_micro_batches_of_16_equal_one_batch_of_64_on_one_and_eight_devices():
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.split('RESULT', 1)[1])
+  out = helpers.run_on_devices(SCRIPT)
   for mesh in ('1', '8'):
     whole, accum = out[mesh]['1'], out[mesh]['4']
     assert whole['step'] == accum['step'] == 1  # one optimizer step, one schedule step

@@ -1,10 +1,6 @@
 """The train step's on-device augmentation: flip, RandAugment, normalization and random erasing
 per example, as a pure function of the seed and the example's id, whatever the mesh."""
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +11,7 @@ from hvt_jax import defaults
 from hvt_jax.data import augment, randaugment
 from hvt_jax.errors import UserError
 from tests import tiny_config
-from tests.helpers import REPO
+from tests import helpers
 
 MEAN, STD = defaults.IMAGENET_MEAN, defaults.IMAGENET_STD
 OFF = dict(flip=False, randaugment='', random_erase=0.0)
@@ -202,11 +198,7 @@ print('RESULT' + json.dumps(out))
 
 
 def test_one_device_and_eight_augment_the_same():
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.split('RESULT', 1)[1])
+  out = helpers.run_on_devices(ONE_VS_EIGHT)
   assert out['8']['shards'] == 8 and out['1']['shards'] == 1
   assert out['8']['images'] == out['1']['images']
   # Each device augments its own examples: nothing moves between devices.

@@ -1,7 +1,5 @@
 """Sharded training on 8 virtual CPU devices, and two processes training together."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -59,10 +57,7 @@ print('RESULT' + json.dumps(out))
 
 @pytest.mark.slow
 def test_one_step_on_one_device_equals_eight_and_fsdp():
-  result = subprocess.run([sys.executable, '-c', ONE_VS_EIGHT], cwd=helpers.REPO,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.split('RESULT', 1)[1])
+  out = helpers.run_on_devices(ONE_VS_EIGHT)
   one = out['1']
   for name in ('8', 'fsdp'):
     np.testing.assert_allclose(out[name]['losses'], one['losses'], rtol=1e-5)
