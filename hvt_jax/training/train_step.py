@@ -127,7 +127,7 @@ def _uint8_images(batch, needs_ids: bool) -> jax.Array:
 _AUGMENT_PER_DEVICE = 8
 
 
-def augment_chunks(batch_size: int, num_devices: int) -> int:
+def augment_rounds(batch_size: int, num_devices: int) -> int:
   """How many rounds the augmentation of a batch takes: each round has `_AUGMENT_PER_DEVICE`
   examples per device (or all of a device's share, if smaller, or the nearest divisor of it)."""
   per_device = max(1, batch_size // num_devices)
@@ -137,11 +137,11 @@ def augment_chunks(batch_size: int, num_devices: int) -> int:
   return rounds
 
 
-def train_images(batch, config, chunks: int = 1, chunk_sharding=None) -> jax.Array:
+def train_images(batch, config, rounds: int = 1, round_sharding=None) -> jax.Array:
   """The batch's uint8 images, augmented per example and normalized: what the model trains on.
 
   Each example's augmentation follows from config.seed and its 'example_id' alone, so the
-  mesh, the batch's row order and accumulation leave it unchanged. In `chunks` rounds, one after
+  mesh, the batch's row order and accumulation leave it unchanged. In `rounds` rounds, one after
   the other: vmapped, RandAugment computes every branch for every image, and all at once its
   temporaries for a large batch would outgrow the model's own (over a chip's HBM at batch 1024 on
   a TPU v5e-8). The rounds are strided like micro-batches, so each device augments its own rows.
@@ -149,13 +149,13 @@ def train_images(batch, config, chunks: int = 1, chunk_sharding=None) -> jax.Arr
   images = _uint8_images(batch, needs_ids=True)
   augment_ = functools.partial(augment.train_images, seed=int(config.seed), aug=config.aug,
                                mean=config.eval.mean, std=config.eval.std)
-  if chunks == 1:
+  if rounds == 1:
     return augment_(images, batch['example_id'])
-  parts = [micro_batches(x, chunks) for x in (images, batch['example_id'])]
-  if chunk_sharding is not None:
-    parts = jax.lax.with_sharding_constraint(parts, chunk_sharding)
+  parts = [micro_batches(x, rounds) for x in (images, batch['example_id'])]
+  if round_sharding is not None:
+    parts = jax.lax.with_sharding_constraint(parts, round_sharding)
   out = jax.lax.map(lambda xs: augment_(*xs), tuple(parts))
-  # micro_batches' inverse: round j, row i is example i * chunks + j.
+  # micro_batches' inverse: round j, row i is example i * rounds + j.
   return jnp.swapaxes(out, 0, 1).reshape(images.shape[:1] + out.shape[2:])
 
 
@@ -275,7 +275,7 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
   train = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         micro_sharding=micro,
-                        augment_rounds=augment_chunks(config.batch_size, mesh.size)),
+                        augment_rounds=augment_rounds(config.batch_size, mesh.size)),
       in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, model=model, mean=tuple(config.eval.mean),
                                        std=tuple(config.eval.std)),
