@@ -24,7 +24,8 @@ import numpy as np
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
 from hvt_jax.data import augment
-from hvt_jax.training import optim, sharding, train_step
+from hvt_jax import sharding
+from hvt_jax.training import optim, train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'hvt-s-1', 'model variant')

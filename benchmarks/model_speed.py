@@ -40,8 +40,8 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from hvt_jax import defaults
-from hvt_jax.training import host_memory, optim, sharding, train_step
+from hvt_jax import defaults, sharding
+from hvt_jax.training import host_memory, optim, train_step
 from hvt_jax.model import summary
 from hvt_jax import model as model_lib
 

@@ -5,14 +5,14 @@ The returned config is locked by `main.py`, so a mistyped `--config.x=y` is an
 error instead of a silently ignored setting.
 
 The image settings come in three groups, one per place they act:
-  aug   the host-side train transforms (tf.data: crop, flip, RandAugment, erasing, repeats);
+  aug   the train transforms: the crop on the host (tf.data), flip, RandAugment and erasing
+        on the device, repeats;
   mix   the on-device batch mixing and the loss targets (Mixup, CutMix, label smoothing);
   eval  the model's input transform: eval crop and resize, and the normalization `mean`/`std`.
 `eval.mean` and `eval.std` are the one definition of the normalization: the train transform
 reads them too, since they describe what a model's inputs look like rather than an
-augmentation. `eval_transform` turns the `eval` group into the dict saved with every model
-('preprocess'), which predict and the input pipeline pass to `preprocess.eval_image`;
-without a config, it gives the recipe's ImageNet transform (`IMAGENET_EVAL`).
+augmentation. `data.input_spec.eval_transform` turns the `eval` group into the dict saved with
+every model ('preprocess'), which predict and the input pipeline pass to `preprocess.eval_image`.
 """
 from __future__ import annotations
 
@@ -22,14 +22,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from hvt_jax import model as model_lib
-from hvt_jax.data import folders
+from hvt_jax.data import folders, input_spec
 from hvt_jax.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The recipe's eval transform on ImageNet (DeiT/timm): resize the shorter side to
-# image_size / crop_pct (256 for 224), center crop, bicubic; mean/std of pixels scaled to [0, 1].
-IMAGENET_EVAL = dict(crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 # Keys that moved to another group: old -> new (the command line names the new one).
 MOVED_KEYS = {
@@ -79,7 +73,7 @@ def train_config() -> ml_collections.ConfigDict:
   )
   # crop_pct: resize the shorter side to image_size / crop_pct, then center crop; mean and std
   # normalize the train images too.
-  c.eval = dict(IMAGENET_EVAL)
+  c.eval = dict(input_spec.IMAGENET_EVAL)
 
   c.batch_size = 1024  # global, over all processes
   c.accum_steps = 1  # k > 1: each step sums the gradients of k micro-batches of batch_size / k
@@ -137,16 +131,6 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
     if old_key in aug:
       regrouped[group][key] = aug.pop(old_key)
   return {**saved, 'aug': aug, **regrouped}
-
-
-def eval_transform(eval_group=None) -> dict[str, Any]:
-  """The eval transform as saved with a model ('preprocess') and passed to `eval_image`.
-
-  `eval_group`: a config's `eval` (a ConfigDict or dict); None: the recipe's ImageNet one.
-  """
-  e = IMAGENET_EVAL if eval_group is None else eval_group
-  return dict(crop_pct=float(e['crop_pct']), interpolation=str(e['interpolation']),
-              mean=[float(m) for m in e['mean']], std=[float(s) for s in e['std']])
 
 
 # Per dataset: class count and the split to evaluate on. Other TFDS datasets work too, by

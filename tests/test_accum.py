@@ -13,7 +13,8 @@ SCRIPT = r'''
 import json, sys
 import jax, numpy as np
 from hvt_jax import defaults, model as model_lib
-from hvt_jax.training import optim, sharding, train_step
+from hvt_jax import sharding
+from hvt_jax.training import optim, train_step
 
 def one_update(accum_steps, axes, devices):
   config = defaults.train_config()

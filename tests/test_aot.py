@@ -41,7 +41,7 @@ def _tool(*args, env=None):
 
 def _fsdp_shard(shape, n):
   """A leaf's shape on one chip of an `n`-way fsdp axis: large leaves split their largest
-  dimension that `n` divides (training/sharding.py), small ones stay whole."""
+  dimension that `n` divides (hvt_jax/sharding.py), small ones stay whole."""
   if np.prod(shape) < 2 ** 14 or not any(d % n == 0 for d in shape):
     return tuple(shape)
   dim = max((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: shape[d])

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from hvt_jax import defaults
-from hvt_jax.data import augment, randaugment
+from hvt_jax.data import augment, input_spec, randaugment
 from hvt_jax.errors import UserError
 from tests import tiny_config
 from tests import helpers
 
-MEAN, STD = defaults.IMAGENET_MEAN, defaults.IMAGENET_STD
+MEAN, STD = input_spec.IMAGENET_MEAN, input_spec.IMAGENET_STD
 OFF = dict(flip=False, randaugment='', random_erase=0.0)
 
 
@@ -152,7 +152,8 @@ def test_bad_settings_are_one_line_user_errors_before_tracing(overrides, error):
     augment.train_images(_images(2), _ids(2), seed=0, aug=_aug(**overrides), mean=MEAN, std=STD)
   # Building the train step fails the same way, before anything is compiled.
   from hvt_jax import model as model_lib
-  from hvt_jax.training import sharding, train_step
+  from hvt_jax import sharding
+  from hvt_jax.training import train_step
   import optax
   config = tiny_config.get_config()
   config.aug.update(overrides)
@@ -175,9 +176,8 @@ def test_the_train_step_refuses_float_images():
 # The same global batch augmented on one device and split over eight: the same images, bit for bit.
 ONE_VS_EIGHT = r'''
 import json, jax, numpy as np
-from hvt_jax import defaults
-from hvt_jax.data import augment
-from hvt_jax.training import sharding
+from hvt_jax import defaults, sharding
+from hvt_jax.data import augment, input_spec
 
 aug = dict(defaults.train_config().aug)  # the paper recipe: flip, rand-m9-mstd0.5-inc1, erase 0.25
 rng = np.random.default_rng(0)
@@ -187,8 +187,9 @@ out = {}
 for name, devices in [('1', jax.devices()[:1]), ('8', jax.devices())]:
   mesh = sharding.make_mesh((('data', len(devices)),), devices)
   spec = sharding.batch_sharding(mesh)
-  fn = jax.jit(lambda x, i: augment.train_images(x, i, seed=5, aug=aug, mean=defaults.IMAGENET_MEAN,
-                                                 std=defaults.IMAGENET_STD),
+  fn = jax.jit(lambda x, i: augment.train_images(x, i, seed=5, aug=aug,
+                                                 mean=input_spec.IMAGENET_MEAN,
+                                                 std=input_spec.IMAGENET_STD),
                in_shardings=(spec, spec), out_shardings=spec)
   result = fn(jax.device_put(images, spec), jax.device_put(ids, spec))
   out[name] = {'images': np.asarray(result).tobytes().hex(), 'shards': len(result.addressable_shards),

@@ -12,7 +12,8 @@ import tensorflow as tf
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
 from hvt_jax.data import input_pipeline
-from hvt_jax.training import sharding, train_step
+from hvt_jax import sharding
+from hvt_jax.training import train_step
 from tests.helpers import TINY_MODEL
 
 SIZE, N, BATCH = 16, 20, 4

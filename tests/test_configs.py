@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hvt_jax import cli, defaults
+from hvt_jax.data import input_spec
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax.training import checkpoint
@@ -45,7 +46,7 @@ def test_paper_recipe_is_the_default():
       'rand-m9-mstd0.5-inc1', 0.25, 3)
   assert (config.mix.mixup, config.mix.cutmix, config.mix.label_smoothing) == (0.8, 1.0, 0.1)
   assert (config.mix.mix_prob, config.mix.switch_prob) == (1.0, 0.5)
-  assert defaults.eval_transform(config.eval) == defaults.eval_transform() == dict(
+  assert input_spec.eval_transform(config.eval) == input_spec.eval_transform() == dict(
       crop_pct=0.875, interpolation='bicubic', mean=[0.485, 0.456, 0.406],
       std=[0.229, 0.224, 0.225])
   assert config.ema_decay == 0.99996 and config.model.drop_path == 0.1

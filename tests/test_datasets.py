@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, digits
+from hvt_jax.data import datasets, digits, input_spec
 from tests.helpers import run
 
 
@@ -54,9 +54,9 @@ def test_model_meta_comes_from_the_opened_dataset(digits_dir):
   config.eval.crop_pct = 0.5
   meta = loop.model_meta(config, model_lib.HVT(**config.model), datasets.open_dataset(config))
   assert meta['class_names'] == [str(i) for i in range(10)]
-  assert meta['preprocess'] == defaults.eval_transform(config.eval) == dict(
-      crop_pct=0.5, interpolation='bicubic', mean=list(defaults.IMAGENET_MEAN),
-      std=list(defaults.IMAGENET_STD))
+  assert meta['preprocess'] == input_spec.eval_transform(config.eval) == dict(
+      crop_pct=0.5, interpolation='bicubic', mean=list(input_spec.IMAGENET_MEAN),
+      std=list(input_spec.IMAGENET_STD))
   assert meta['model'] == dict(config.model) and meta['dataset'] == 'hvt_digits'
 
 

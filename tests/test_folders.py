@@ -10,7 +10,8 @@ from PIL import Image
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, folders, input_pipeline
-from hvt_jax.training import curves, sharding
+from hvt_jax import sharding
+from hvt_jax.training import curves
 from tests import fake_imagenet
 from tests.fake_imagenet import ids_of, take
 from tests.helpers import run, run_main

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, input_pipeline
-from hvt_jax.training import sharding
+from hvt_jax import sharding
 from tests import fake_imagenet
 from tests.fake_imagenet import ids_of, take
 
@@ -240,7 +240,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     import numpy as np
     from hvt_jax import defaults
     from hvt_jax.data import datasets, input_pipeline
-    from hvt_jax.training import sharding
+    from hvt_jax import sharding
     import jax
     assert jax.device_count() == 8
     data_dir = sys.argv[1]

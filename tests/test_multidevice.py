@@ -11,8 +11,8 @@ ONE_VS_EIGHT = r'''
 import os
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 import json, jax, numpy as np
-from hvt_jax import defaults
-from hvt_jax.training import optim, sharding, train_step
+from hvt_jax import defaults, sharding
+from hvt_jax.training import optim, train_step
 from hvt_jax import model as model_lib
 
 config = defaults.train_config()

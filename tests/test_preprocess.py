@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from hvt_jax import defaults
-from hvt_jax.data import preprocess
+from hvt_jax.data import input_spec, preprocess
 from hvt_jax.errors import UserError
 
 SIZE = 32
@@ -24,8 +24,8 @@ def _aug(**overrides):
   return aug
 
 
-MEAN = np.array(defaults.IMAGENET_MEAN, np.float32)
-STD = np.array(defaults.IMAGENET_STD, np.float32)
+MEAN = np.array(input_spec.IMAGENET_MEAN, np.float32)
+STD = np.array(input_spec.IMAGENET_STD, np.float32)
 
 
 def _photo(height, width, seed=0):
@@ -239,7 +239,7 @@ def _centered_square(height, width, side):
 
 def _eval(image, size=SIZE, crop_pct=0.5):
   out = preprocess.eval_image(image, size=size, crop_pct=crop_pct, interpolation='bicubic',
-                              mean=defaults.IMAGENET_MEAN, std=defaults.IMAGENET_STD)
+                              mean=input_spec.IMAGENET_MEAN, std=input_spec.IMAGENET_STD)
   return out.numpy()
 
 

@@ -169,7 +169,8 @@ def test_eval_only_from_a_model_dir(tmp_path):
 def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   import optax
   from hvt_jax import model as model_lib
-  from hvt_jax.training import sharding, loop, train_step
+  from hvt_jax import sharding
+  from hvt_jax.training import loop, train_step
   config = tiny_config.get_config()
   source = model_lib.HVT(**{**config.model, 'num_classes': 5})
   source_params = model_lib.init_params(source, jax.random.key(7))
@@ -207,7 +208,8 @@ def test_a_relative_workdir_saves_under_the_current_directory(tmp_path, monkeypa
 def _tiny_state():
   import optax
   from hvt_jax import model as model_lib
-  from hvt_jax.training import sharding, train_step
+  from hvt_jax import sharding
+  from hvt_jax.training import train_step
   model = model_lib.HVT(**tiny_config.get_config().model)
   state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
                                              mesh=sharding.make_mesh((('data', -1),)))

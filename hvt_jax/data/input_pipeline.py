@@ -28,9 +28,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from hvt_jax import defaults
-from hvt_jax.data import datasets, folders, preprocess
-from hvt_jax.training import sharding
+from hvt_jax.data import datasets, folders, input_spec, preprocess
+from hvt_jax import sharding
 from hvt_jax.errors import UserError
 
 try:  # tf.data only needs the CPU; keep TensorFlow off the accelerators JAX uses
@@ -301,7 +300,7 @@ def eval_dataset(source: Source, config: ml_collections.ConfigDict, *,
                  local_batch: int) -> tf.data.Dataset:
   """One pass of local batches {'image': uint8 (b, S, S, 3), 'label'} (and 'real' where the
   dataset has it); the last one may be short. The device normalizes the images."""
-  transform = defaults.eval_transform(config.eval)
+  transform = input_spec.eval_transform(config.eval)
 
   def prepare(record):
     image = preprocess.eval_crop(record['image'], size=config.model.image_size,

@@ -18,7 +18,7 @@ from absl import flags
 import numpy as np
 import tqdm
 
-from hvt_jax import defaults
+from hvt_jax.data import input_spec
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import pth_reader
 from hvt_jax import model as model_lib
@@ -169,7 +169,8 @@ def convert(pytorch_path: str, output: str, key: str | None = None, progress: bo
 def save(output: str, model: model_lib.HVT, params, **meta) -> str:
   """A model dir for official weights; `meta` goes into model.json (`source`, ...)."""
   # The official models were evaluated with the recipe's ImageNet transform.
-  return checkpoint.save_model(output, model, params, preprocess=defaults.eval_transform(), **meta)
+  return checkpoint.save_model(output, model, params, preprocess=input_spec.eval_transform(),
+                               **meta)
 
 
 FLAGS = flags.FLAGS

@@ -21,9 +21,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from hvt_jax import defaults
+from hvt_jax.data import input_spec, preprocess
 from hvt_jax.training import checkpoint
-from hvt_jax.data import preprocess
 from hvt_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -74,7 +73,7 @@ def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 
   saved = checkpoint.resolve(model_path, ema=ema)
   model, params = checkpoint.restore(saved, image_size=image_size)
   meta = saved.meta
-  settings = meta.get('preprocess') or defaults.eval_transform()
+  settings = meta.get('preprocess') or input_spec.eval_transform()
   names = class_names(meta, model.num_classes)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x)))
   for start in range(0, len(paths), batch):

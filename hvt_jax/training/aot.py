@@ -30,7 +30,8 @@ from ml_collections import config_flags
 from hvt_jax import cli, defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
-from hvt_jax.training import optim, sharding, train_step
+from hvt_jax import sharding
+from hvt_jax.training import optim, train_step
 
 GIB = 2 ** 30
 # HBM per chip by the device_kind libtpu reports (v5p reports 'TPU v5', v5e and v6e 'lite').

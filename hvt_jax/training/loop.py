@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hvt_jax import console, defaults
-from hvt_jax.training import checkpoint, curves, optim, peers, safety, sharding, train_step
-from hvt_jax.data import datasets, input_pipeline
+from hvt_jax import console, defaults, sharding
+from hvt_jax.training import checkpoint, curves, optim, peers, safety, train_step
+from hvt_jax.data import datasets, input_pipeline, input_spec
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
@@ -128,7 +128,7 @@ def model_meta(config: ml_collections.ConfigDict, model: model_lib.HVT,
   names = list(dataset.class_names)
   if config.data.name in ('imagenet2012', 'imagenet_v2', 'imagenet2012_real'):
     names = None  # TFDS names ImageNet classes by WordNet id; predict has readable names
-  return {'model': model.config(), 'preprocess': defaults.eval_transform(config.eval),
+  return {'model': model.config(), 'preprocess': input_spec.eval_transform(config.eval),
           'class_names': names, 'dataset': config.data.name}
 
 

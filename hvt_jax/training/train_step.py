@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from hvt_jax.data import augment, mixup
-from hvt_jax.training import sharding
+from hvt_jax import sharding
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 
