@@ -31,7 +31,7 @@ from hvt_jax import cli, defaults
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax import sharding
-from hvt_jax.training import optim, train_step
+from hvt_jax.training import train_step
 
 GIB = 2 ** 30
 # HBM per chip by the device_kind libtpu reports (v5p reports 'TPU v5', v5e and v6e 'lite').
@@ -72,18 +72,6 @@ def slice_devices(topology: str) -> list:
 
 def hbm_gib(device) -> float | None:
   return HBM_GIB.get(device.device_kind)
-
-
-def _state_and_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """What `loop.train_and_evaluate` builds, without data: the state's shapes and shardings and
-  the jitted steps, for a model resolved for the mesh's devices."""
-  model = model_lib.HVT(**model_lib.resolve_settings(config.model, mesh.devices))
-  steps_per_epoch = 1000  # the schedule's values do not change the program, only constants
-  schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
-  tx = optim.make(config.optim, schedule)
-  state, shardings = train_step.abstract_state(model, tx, ema=config.ema_decay > 0, mesh=mesh)
-  p_train, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
-  return model, state, shardings, p_train, p_eval
 
 
 def _abstract(tree, shardings):
@@ -166,7 +154,8 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list,
   """Compiles the train step at `config.batch_size` and the eval step at
   `config.eval_batch_size` for `devices` (a mesh from `config.mesh`); one row per step."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, state, shardings, p_train, p_eval = _state_and_steps(config, mesh)
+  # The schedule's steps per epoch change only constants, not the programs.
+  model, _, state, shardings, p_train, p_eval = train_step.build(config, mesh, 1000)
   common = {'devices': len(devices), 'device_kind': devices[0].device_kind,
             'mesh': dict(mesh.shape), 'dtype': model.dtype, 'scan_blocks': model.scan_blocks,
             'params': model_lib.param_count(state.params)}

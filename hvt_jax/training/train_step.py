@@ -11,7 +11,7 @@ normalizes them itself (data/augment.py), the eval step normalizes them.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -22,6 +22,7 @@ from hvt_jax.data import augment, mixup
 from hvt_jax import sharding
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
+from hvt_jax.training import optim
 
 
 class AccumError(UserError):
@@ -281,3 +282,27 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
                                        std=tuple(config.eval.std)),
                      in_shardings=(shardings.params, batch), out_shardings=replicated)
   return train, evaluate
+
+
+class Program(NamedTuple):
+  """What a run compiles, built once by `build` for `main` (loop) and `aot` alike."""
+  model: Any  # the steps' model: its 'auto' settings decided for the mesh's devices
+  tx: optax.GradientTransformation
+  state: TrainState  # shapes and dtypes only (jax.ShapeDtypeStruct leaves)
+  shardings: Any  # the state's, on the mesh
+  train_step: Callable
+  eval_step: Callable
+
+
+def build(config, mesh, steps_per_epoch: int) -> Program:
+  """The step model, optimizer, state layout and jitted steps of a run on `mesh`.
+
+  `steps_per_epoch` only sets the schedule's constants (an epoch-stepped lr changes at multiples
+  of it), not the programs' shapes.
+  """
+  model = model_lib.HVT(**model_lib.resolve_settings(config.model, mesh.devices))
+  schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
+  tx = optim.make(config.optim, schedule)
+  state, shardings = abstract_state(model, tx, ema=config.ema_decay > 0, mesh=mesh)
+  p_train, p_eval = jit_steps(model, tx, schedule, config, shardings, mesh)
+  return Program(model, tx, state, shardings, p_train, p_eval)
