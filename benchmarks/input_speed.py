@@ -32,7 +32,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, input_pipeline, preprocess
+from hvt_jax.data import datasets, input_pipeline, preprocess, sources
 from synthetic_images import synthetic_jpegs  # beside this file
 
 FLAGS = flags.FLAGS
@@ -123,16 +123,16 @@ def main(argv):
   config = config_for_run()
   if FLAGS.synthetic:
     jpegs = synthetic_jpegs()
-    source = input_pipeline.memory_source(np.array(jpegs, dtype=object),
+    source = sources.memory_source(np.array(jpegs, dtype=object),
                                           np.zeros(len(jpegs), np.int64))
     what = (f'synthetic JPEGs 500x375, mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB '
             f'({len(jpegs)} in memory)')
     train_source = eval_source = source
   else:
     b = datasets.ensure_prepared(config)
-    train_source = input_pipeline.tfds_source(b, config.data.train_split)
+    train_source = sources.tfds_source(b, config.data.train_split)
     eval_split = 'test' if 'validation' not in b.info.splits else 'validation'
-    eval_source = input_pipeline.tfds_source(b, eval_split)
+    eval_source = sources.tfds_source(b, eval_split)
     what = f'{b.name} ({config.data.train_split} / {eval_split}) from {b.data_dir}'
 
   if FLAGS.breakdown:

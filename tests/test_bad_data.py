@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
-from hvt_jax.data import input_pipeline
+from hvt_jax.data import feeding, input_pipeline, sources
 from hvt_jax import sharding
 from hvt_jax.training import train_step
 from tests.helpers import TINY_MODEL
@@ -36,8 +36,8 @@ def _sources():
   broken = list(images)
   for i, data in BROKEN.items():
     broken[i] = images[i][:40] if data == 'truncated jpeg' else data
-  return (input_pipeline.memory_source(np.array(images, object), labels),
-          input_pipeline.memory_source(np.array(broken, object), labels))
+  return (sources.memory_source(np.array(images, object), labels),
+          sources.memory_source(np.array(broken, object), labels))
 
 
 def _batches(source, n, start=0):
@@ -92,8 +92,8 @@ def _folder(root, per_class, data):
 
 
 def test_training_data_with_no_readable_image_is_refused(tmp_path):
-  junk = input_pipeline.memory_source(np.array([b'not an image'] * N, object), np.zeros(N))
-  with pytest.raises(input_pipeline.InputError,
+  junk = sources.memory_source(np.array([b'not an image'] * N, object), np.zeros(N))
+  with pytest.raises(sources.InputError,
                      match=f'none of the first {N} training images of .* could be decoded'):
     _batches(junk, 1)
   # A run is refused before it writes anything.
@@ -154,9 +154,9 @@ def test_the_train_step_counts_skipped_examples():
 def test_eval_batch_sizes_are_padded_to_what_the_devices_split(eval_batch, processes, devices,
                                                                 expected):
   mesh = types.SimpleNamespace(local_devices=[None] * devices)
-  assert input_pipeline.eval_local_batch_size(eval_batch, mesh, processes) == expected
-  with pytest.raises(input_pipeline.InputError, match='batch_size=100 gives 100 per process'):
-    input_pipeline.local_batch_size(100, types.SimpleNamespace(local_devices=[None] * 8), 1)
+  assert feeding.eval_local_batch_size(eval_batch, mesh, processes) == expected
+  with pytest.raises(sources.InputError, match='batch_size=100 gives 100 per process'):
+    feeding.local_batch_size(100, types.SimpleNamespace(local_devices=[None] * 8), 1)
 
 
 def test_a_tfds_dataset_with_unreadable_images_trains_and_counts_them(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, folders, input_pipeline
+from hvt_jax.data import datasets, folders, input_pipeline, sources
 from hvt_jax import sharding
 from hvt_jax.training import curves
 from tests import fake_imagenet
@@ -99,8 +99,8 @@ def test_a_quick_look_reads_only_the_first_records_of_the_share(tree):
   root, _, _ = tree
   config = make_config(root)
   opened = datasets.open_dataset(config)
-  full = input_pipeline.split_source(config, opened, 'train', 1, 2)
-  head = input_pipeline.split_source(config, opened, 'train', 1, 2, first=5)
+  full = sources.split_source(config, opened, 'train', 1, 2)
+  head = sources.split_source(config, opened, 'train', 1, 2, first=5)
   assert (full.num_examples, head.num_examples) == (12, 5)  # files 1, 3, ..., 23 of 25
   records = lambda source: [r['image'] for r in source.read(None).as_numpy_iterator()]
   assert records(head) == records(full)[:5]
@@ -110,7 +110,7 @@ def test_processes_share_disjoint_and_covering(tree, mesh):
   root, train, _ = tree
   config = make_config(root)
   listing = folders.listing(config, 'train')
-  shares = [input_pipeline.folder_source(listing, i, 2) for i in range(2)]
+  shares = [sources.folder_source(listing, i, 2) for i in range(2)]
   assert [s.num_examples for s in shares] == [13, 12]
   files = [set(r['image'] for r in s.read(None).as_numpy_iterator()) for s in shares]
   assert not files[0] & files[1] and len(files[0] | files[1]) == 25
@@ -153,7 +153,7 @@ def test_eval_counts_every_file_once(tree, mesh, count):
 def test_undecodable_eval_file_is_named(tree, mesh):
   config = make_config(tree[0])
   config.data.eval_split = 'train'  # holds broken.jpg
-  with pytest.raises(input_pipeline.InputError, match=r'cannot decode .*dog/broken.jpg: replace'):
+  with pytest.raises(sources.InputError, match=r'cannot decode .*dog/broken.jpg: replace'):
     list(input_pipeline.eval_iterator(config, mesh))
 
 

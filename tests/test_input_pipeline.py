@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, input_pipeline
+from hvt_jax.data import datasets, input_pipeline, sources
 from hvt_jax import sharding
 from tests import fake_imagenet
 from tests.fake_imagenet import ids_of, take
@@ -219,7 +219,7 @@ def test_eval_sees_every_example_once(imagenet, mesh, count):
 def test_batch_size_errors(imagenet, mesh):
   config = make_config(imagenet[0])
   config.batch_size = 7
-  with pytest.raises(input_pipeline.InputError, match='multiple of 2'):
+  with pytest.raises(sources.InputError, match='multiple of 2'):
     input_pipeline.train_iterator(config, mesh, process_index=0, process_count=2)
   config.eval_batch_size = 9  # eval pads instead: 5 rows for each of the 2 processes
   batches = input_pipeline.eval_iterator(config, mesh, process_index=1, process_count=2)
@@ -239,7 +239,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     import json, sys
     import numpy as np
     from hvt_jax import defaults
-    from hvt_jax.data import datasets, input_pipeline
+    from hvt_jax.data import datasets, input_pipeline, sources
     from hvt_jax import sharding
     import jax
     assert jax.device_count() == 8
@@ -254,7 +254,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     batch = next(input_pipeline.train_iterator(c, mesh))
     # The same rows straight from tf.data, before placement.
     b = datasets.ensure_prepared(c)
-    source = input_pipeline.tfds_source(b, input_pipeline.process_split('train', 0, 1))
+    source = sources.tfds_source(b, sources.process_split('train', 0, 1))
     local = next(input_pipeline.train_dataset(source, c, process_index=0, local_batch=16)
                  .as_numpy_iterator())
     out = {}
