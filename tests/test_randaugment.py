@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
+from hvt_jax.data import image_ops as ops
 from hvt_jax.data import randaugment as ra
 from hvt_jax.errors import UserError
 
@@ -75,21 +76,21 @@ def _pil_solarize_add(img, add):
 
 
 PIL_CASES = (
-    [('invert', lambda x: ra.invert(x), ImageOps.invert),
-     ('auto_contrast', ra.auto_contrast, ImageOps.autocontrast),
-     ('equalize', ra.equalize, ImageOps.equalize)]
-    + [(f'posterize{b}', lambda x, b=b: ra.posterize(x, b),
+    [('invert', lambda x: ops.invert(x), ImageOps.invert),
+     ('auto_contrast', ops.auto_contrast, ImageOps.autocontrast),
+     ('equalize', ops.equalize, ImageOps.equalize)]
+    + [(f'posterize{b}', lambda x, b=b: ops.posterize(x, b),
         lambda p, b=b: ImageOps.posterize(p, b)) for b in (1, 3, 4, 7, 8)]
-    + [(f'solarize{t}', lambda x, t=t: ra.solarize(x, t),
+    + [(f'solarize{t}', lambda x, t=t: ops.solarize(x, t),
         lambda p, t=t: ImageOps.solarize(p, t)) for t in (0, 26, 128, 256)]
-    + [(f'solarize_add{a}', lambda x, a=a: ra.solarize_add(x, a),
+    + [(f'solarize_add{a}', lambda x, a=a: ops.solarize_add(x, a),
         lambda p, a=a: _pil_solarize_add(p, a)) for a in (0, 40, 110)]
     + [(f'{name}{f}', lambda x, fn=fn, f=f: fn(x, f),
         lambda p, cls=cls, f=f: cls(p).enhance(f))
-       for name, fn, cls in [('color', ra.color, ImageEnhance.Color),
-                             ('contrast', ra.contrast, ImageEnhance.Contrast),
-                             ('brightness', ra.brightness, ImageEnhance.Brightness),
-                             ('sharpness', ra.sharpness, ImageEnhance.Sharpness)]
+       for name, fn, cls in [('color', ops.color, ImageEnhance.Color),
+                             ('contrast', ops.contrast, ImageEnhance.Contrast),
+                             ('brightness', ops.brightness, ImageEnhance.Brightness),
+                             ('sharpness', ops.sharpness, ImageEnhance.Sharpness)]
        for f in (0.1, 0.55, 1.0, 1.6, 1.9)])
 
 
@@ -102,16 +103,16 @@ def test_pixel_op_matches_pil(name, op, pil_op):
 
 def test_invert_and_posterize_bit_semantics():
   x = _noise()
-  np.testing.assert_array_equal(ra.invert(x), 255 - x)
+  np.testing.assert_array_equal(ops.invert(x), 255 - x)
   for bits in range(9):
     mask = (0xFF << (8 - bits)) & 0xFF
-    np.testing.assert_array_equal(ra.posterize(x, bits), x & mask)
+    np.testing.assert_array_equal(ops.posterize(x, bits), x & mask)
 
 
 def test_auto_contrast_stretches_a_narrow_range_monotonically():
   x = _noise((30, 30, 3), 100, 141)
   x[..., 2] = 77  # a flat channel has nothing to stretch
-  out = np.asarray(ra.auto_contrast(x))
+  out = np.asarray(ops.auto_contrast(x))
   np.testing.assert_array_equal(out[..., :2].min(axis=(0, 1)), [0, 0])
   assert np.all(out[..., :2].max(axis=(0, 1)) >= 254)  # PIL's double arithmetic may say 254
   np.testing.assert_array_equal(out[..., 2], x[..., 2])
@@ -122,7 +123,7 @@ def test_auto_contrast_stretches_a_narrow_range_monotonically():
 def test_equalize_flattens_the_histogram():
   rng = np.random.default_rng(3)
   x = np.clip(rng.normal(128, 8, size=(64, 64, 3)), 0, 255).astype(np.uint8)
-  out = np.asarray(ra.equalize(x)).astype(float)
+  out = np.asarray(ops.equalize(x)).astype(float)
   for c in range(3):
     quartiles = np.percentile(out[..., c], [25, 50, 75])
     np.testing.assert_allclose(quartiles, [64, 128, 192], atol=16)
@@ -133,21 +134,21 @@ def test_equalize_flattens_the_histogram():
 
 def test_rotate_by_0_is_identity_and_by_90_is_rot90():
   x = _noise((17, 17, 3))
-  np.testing.assert_array_equal(ra.rotate(x, 0.0, FILL), x)
-  np.testing.assert_array_equal(ra.rotate(x, 90.0, FILL), np.rot90(x))  # anticlockwise
+  np.testing.assert_array_equal(ops.rotate(x, 0.0, FILL), x)
+  np.testing.assert_array_equal(ops.rotate(x, 90.0, FILL), np.rot90(x))  # anticlockwise
   y = _noise((12, 19, 3))
-  np.testing.assert_array_equal(ra.rotate(y, 180.0, FILL), y[::-1, ::-1])
+  np.testing.assert_array_equal(ops.rotate(y, 180.0, FILL), y[::-1, ::-1])
 
 
 def test_translate_moves_a_pattern_and_fills_with_fill():
   x = np.zeros((16, 20, 3), np.uint8)
   x[5:8, 8:11] = 255
-  moved = np.asarray(ra.translate_x(x, 4.0, FILL))  # PIL's convention: positive moves left
+  moved = np.asarray(ops.translate_x(x, 4.0, FILL))  # PIL's convention: positive moves left
   expected = np.zeros_like(x)
   expected[5:8, 4:7] = 255
   expected[:, -4:] = FILL
   np.testing.assert_array_equal(moved, expected)
-  moved = np.asarray(ra.translate_y(x, -3.0, FILL))
+  moved = np.asarray(ops.translate_y(x, -3.0, FILL))
   expected = np.zeros_like(x)
   expected[8:11, 8:11] = 255
   expected[:3] = FILL
@@ -164,12 +165,12 @@ def _pil_rotate(degrees):
 
 
 GEOMETRIC_CASES = [
-    ('shear_x', lambda x: ra.shear_x(x, 0.2, FILL), _pil_affine((1, 0.2, 0, 0, 1, 0))),
-    ('shear_y', lambda x: ra.shear_y(x, -0.25, FILL), _pil_affine((1, 0, 0, -0.25, 1, 0))),
-    ('translate_x', lambda x: ra.translate_x(x, 3.5, FILL), _pil_affine((1, 0, 3.5, 0, 1, 0))),
-    ('translate_y', lambda x: ra.translate_y(x, -2.0, FILL), _pil_affine((1, 0, 0, 0, 1, -2))),
-    ('rotate20', lambda x: ra.rotate(x, 20.0, FILL), _pil_rotate(20.0)),
-    ('rotate-35', lambda x: ra.rotate(x, -35.0, FILL), _pil_rotate(-35.0)),
+    ('shear_x', lambda x: ops.shear_x(x, 0.2, FILL), _pil_affine((1, 0.2, 0, 0, 1, 0))),
+    ('shear_y', lambda x: ops.shear_y(x, -0.25, FILL), _pil_affine((1, 0, 0, -0.25, 1, 0))),
+    ('translate_x', lambda x: ops.translate_x(x, 3.5, FILL), _pil_affine((1, 0, 3.5, 0, 1, 0))),
+    ('translate_y', lambda x: ops.translate_y(x, -2.0, FILL), _pil_affine((1, 0, 0, 0, 1, -2))),
+    ('rotate20', lambda x: ops.rotate(x, 20.0, FILL), _pil_rotate(20.0)),
+    ('rotate-35', lambda x: ops.rotate(x, -35.0, FILL), _pil_rotate(-35.0)),
 ]
 
 
@@ -187,25 +188,25 @@ def test_geometric_op_follows_pil_conventions(name, op, pil_op):
 # ---- magnitude -> argument, as timm's level functions ----
 
 @pytest.mark.parametrize('name, magnitude, sign, expected', [
-    ('Rotate', 10, -1, lambda x: ra.rotate(x, -30.0, FILL)),
-    ('Rotate', 5, 1, lambda x: ra.rotate(x, 15.0, FILL)),
-    ('Posterize', 9, 1, lambda x: ra.posterize(x, int(9 / 10 * 4))),
-    ('PosterizeIncreasing', 9, 1, lambda x: ra.posterize(x, 4 - int(9 / 10 * 4))),
+    ('Rotate', 10, -1, lambda x: ops.rotate(x, -30.0, FILL)),
+    ('Rotate', 5, 1, lambda x: ops.rotate(x, 15.0, FILL)),
+    ('Posterize', 9, 1, lambda x: ops.posterize(x, int(9 / 10 * 4))),
+    ('PosterizeIncreasing', 9, 1, lambda x: ops.posterize(x, 4 - int(9 / 10 * 4))),
     ('PosterizeIncreasing', 10, 1, lambda x: np.zeros_like(x)),
-    ('Solarize', 9, 1, lambda x: ra.solarize(x, int(9 / 10 * 256))),
-    ('SolarizeIncreasing', 9, -1, lambda x: ra.solarize(x, 256 - int(9 / 10 * 256))),
+    ('Solarize', 9, 1, lambda x: ops.solarize(x, int(9 / 10 * 256))),
+    ('SolarizeIncreasing', 9, -1, lambda x: ops.solarize(x, 256 - int(9 / 10 * 256))),
     ('SolarizeIncreasing', 0, 1, lambda x: x),
-    ('SolarizeAdd', 9, 1, lambda x: ra.solarize_add(x, int(9 / 10 * 110))),
-    ('Color', 9, -1, lambda x: ra.color(x, 9 / 10 * 1.8 + 0.1)),
-    ('ColorIncreasing', 9, -1, lambda x: ra.color(x, 1 - 9 / 10 * 0.9)),
-    ('ContrastIncreasing', 7, 1, lambda x: ra.contrast(x, 1 + 7 / 10 * 0.9)),
-    ('BrightnessIncreasing', 9, 1, lambda x: ra.brightness(x, 1 + 9 / 10 * 0.9)),
-    ('SharpnessIncreasing', 9, -1, lambda x: ra.sharpness(x, 1 - 9 / 10 * 0.9)),
-    ('Sharpness', 3, 1, lambda x: ra.sharpness(x, 3 / 10 * 1.8 + 0.1)),
-    ('ShearX', 9, -1, lambda x: ra.shear_x(x, -9 / 10 * 0.3, FILL)),
-    ('ShearY', 9, 1, lambda x: ra.shear_y(x, 9 / 10 * 0.3, FILL)),
-    ('TranslateXRel', 10, 1, lambda x: ra.translate_x(x, 0.45 * x.shape[1], FILL)),
-    ('TranslateYRel', 10, -1, lambda x: ra.translate_y(x, -0.45 * x.shape[0], FILL)),
+    ('SolarizeAdd', 9, 1, lambda x: ops.solarize_add(x, int(9 / 10 * 110))),
+    ('Color', 9, -1, lambda x: ops.color(x, 9 / 10 * 1.8 + 0.1)),
+    ('ColorIncreasing', 9, -1, lambda x: ops.color(x, 1 - 9 / 10 * 0.9)),
+    ('ContrastIncreasing', 7, 1, lambda x: ops.contrast(x, 1 + 7 / 10 * 0.9)),
+    ('BrightnessIncreasing', 9, 1, lambda x: ops.brightness(x, 1 + 9 / 10 * 0.9)),
+    ('SharpnessIncreasing', 9, -1, lambda x: ops.sharpness(x, 1 - 9 / 10 * 0.9)),
+    ('Sharpness', 3, 1, lambda x: ops.sharpness(x, 3 / 10 * 1.8 + 0.1)),
+    ('ShearX', 9, -1, lambda x: ops.shear_x(x, -9 / 10 * 0.3, FILL)),
+    ('ShearY', 9, 1, lambda x: ops.shear_y(x, 9 / 10 * 0.3, FILL)),
+    ('TranslateXRel', 10, 1, lambda x: ops.translate_x(x, 0.45 * x.shape[1], FILL)),
+    ('TranslateYRel', 10, -1, lambda x: ops.translate_y(x, -0.45 * x.shape[0], FILL)),
     ('Invert', 3, -1, lambda x: 255 - x),
 ])
 def test_apply_op_maps_magnitude_like_timm(name, magnitude, sign, expected):

@@ -59,7 +59,8 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: in
   else:
     use_cutmix = jnp.asarray(cutmix > 0)
   # One Beta(alpha, alpha) draw, alpha of the chosen kind, as G1 / (G1 + G2) from two Gamma
-  # draws in log space: one sampler to compile instead of two (each Beta costs seconds).
+  # draws in log space: one sampler (a rejection loop, slow to compile) instead of two
+  # (docs/performance.md, "Figures moved out of code comments").
   alpha = jnp.where(use_cutmix, cutmix, mixup)
   log_g = jax.random.loggamma(key_lam, alpha, shape=(2,))
   lam_raw = jax.nn.sigmoid(log_g[0] - log_g[1])

@@ -62,7 +62,8 @@ _FILTERS = {
 }
 
 
-# Plain TF throughout: AutoGraph would only add seconds of tracing in tf.data and tf.function.
+# Plain TF throughout: AutoGraph would only add tracing time in tf.data and tf.function
+# (docs/performance.md, "Figures moved out of code comments").
 @tf.autograph.experimental.do_not_convert
 def train_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.Tensor:
   """timm's RandomResizedCrop: the window `crop_window` draws, resized to uint8 (size, size, 3).
