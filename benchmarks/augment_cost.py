@@ -14,18 +14,23 @@ medians are compared. FLOPs come from XLA's cost analysis of the step with every
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 
 from absl import app, flags
 import jax
 import numpy as np
 
-from hvt_jax import defaults
-from hvt_jax import model as model_lib
-from hvt_jax.data import augment
-from hvt_jax import sharding
-from hvt_jax.training import optim, train_step
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402 (benchmarks/ is not a package)
+
+from hvt_jax import defaults  # noqa: E402
+from hvt_jax import model as model_lib  # noqa: E402
+from hvt_jax.data import augment  # noqa: E402
+from hvt_jax import sharding  # noqa: E402
+from hvt_jax.training import train_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'hvt-s-1', 'model variant')
@@ -53,30 +58,18 @@ class Side:
 
   def __init__(self, augmented: bool, dtype: str, mesh):
     self.config = config = _config(augmented, dtype)
-    model = model_lib.HVT(**config.model)
-    schedule = optim.lr_schedule(config.optim, FLAGS.batch, config.num_epochs, 1000)
-    tx = optim.make(config.optim, schedule)
+    model, tx, schedule = timing.train_parts(config)
     spec = sharding.batch_sharding(mesh)
-    size = model.image_size
-    abstract = {'image': jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), np.uint8, sharding=spec),
-                'label': jax.ShapeDtypeStruct((FLAGS.batch,), np.int32, sharding=spec),
-                'example_id': jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32, sharding=spec)}
-    unrolled = model.clone(scan_blocks=False)
-    state, shardings = train_step.abstract_state(unrolled, tx, ema=True, mesh=mesh)
-    p_unrolled, _ = train_step.jit_steps(unrolled, tx, schedule, config, shardings, mesh)
-    self.flops = _flops(p_unrolled.lower(state, abstract))
+    abstract = timing.abstract_batch(FLAGS.batch, model.image_size, spec)
+    self.flops = float(timing.unrolled_train_flops(model, tx, schedule, config, mesh, abstract)
+                       or float('nan'))
     self.train = None
     if FLAGS.steps:
       self.state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True,
                                                       mesh=mesh)
       p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
       self.train = p_train.lower(self.state, abstract).compile()
-      rng = np.random.default_rng(0)
-      self.batch = jax.device_put(
-          {'image': rng.integers(0, 256, (FLAGS.batch, size, size, 3), dtype=np.uint8),
-           'label': rng.integers(0, model.num_classes, FLAGS.batch).astype(np.int32),
-           'example_id': np.stack([np.zeros(FLAGS.batch), np.zeros(FLAGS.batch),
-                                   np.arange(FLAGS.batch)], -1).astype(np.int32)}, spec)
+      self.batch = timing.random_batch(FLAGS.batch, model.image_size, model.num_classes, spec)
       self.step = 0
 
   def seconds_per_step(self, steps: int) -> tuple[float, float]:
@@ -91,12 +84,6 @@ class Side:
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def _flops(program) -> float:
-  cost = program.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get('flops', float('nan')))
-
-
 def augment_flops_per_image(config) -> float:
   """XLA's FLOPs of `augment.train_images` alone, per image, at the model's image size."""
   size = config.model.image_size
@@ -104,13 +91,13 @@ def augment_flops_per_image(config) -> float:
       x, ids, seed=0, aug=config.aug, mean=config.eval.mean, std=config.eval.std))
   lowered = fn.lower(jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), np.uint8),
                      jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32))
-  return _flops(lowered) / FLAGS.batch
+  return timing.xla_cost(lowered).get('flops', float('nan')) / FLAGS.batch
 
 
 def main(argv):
   del argv
   device = jax.devices()[0]
-  dtype = FLAGS.dtype or ('float32' if device.platform == 'cpu' else 'bfloat16')
+  dtype = FLAGS.dtype or timing.default_dtype(device)
   mesh = sharding.make_mesh(defaults.train_config().mesh)
   sides = {'with': Side(True, dtype, mesh), 'without': Side(False, dtype, mesh)}
   print(f'{FLAGS.model}, batch {FLAGS.batch}, {dtype}, {device.device_kind} x{mesh.size}; '

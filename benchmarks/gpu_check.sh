@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU box (at most 8 minutes on one H100): JAX against the PyTorch baseline for
+# One command for a GPU box (within an 8-minute budget): JAX against the PyTorch baseline for
 # HVT-S-1 and HVT-S-0 in bfloat16, at batch 256 and at the largest batch that fits, then one table.
 #
 #   bash benchmarks/gpu_check.sh                # on the GPU machine, from anywhere
@@ -9,8 +9,8 @@
 # training config needs ml_collections (pure Python); if it is missing, the wheel carried in
 # benchmarks/wheels/ is unpacked to a temporary directory on PYTHONPATH (nothing is installed).
 # HVT_GPU_CHECK_SECONDS (default 480) bounds the whole run; what finished is always printed.
-# (On an H100: batch 256 with torch.compile for both models ~4 min, the variants ~2 min, so
-# the largest-batch rows get what is left; the slowest, HVT-S-0's, comes last.)
+# The phases run in order of importance, so the largest-batch rows get what is left; the slowest,
+# HVT-S-0's, comes last.
 # With HVT_GPU_CHECK_OUT=DIR the log, the JSON rows, a profiler trace of 3 HVT-S-1 train steps and
 # that step's optimized HLO (train_step.hlo.txt: what each fusion in the trace holds) are kept
 # there, and the summary ends with that trace's time per kind of kernel and the step's eight
@@ -22,8 +22,9 @@
 #      attention=xla and says so.
 #   2. batch 256, both models in one process, JAX and PyTorch (eager and torch.compile) interleaved.
 #   3. JAX-only variants of HVT-S-1 at batch 256: cuDNN in every block (attention=cudnn) and XLA
-#      attention everywhere: what 'auto' buys and what it could become. (Scanned blocks were
-#      measured once, 1.37x slower than unrolled on an H100; `--model_kw=scan_blocks=true` times them.)
+#      attention everywhere: what 'auto' buys and what it could become. (Scanned blocks, slower
+#      than unrolled on a GPU (docs/performance.md), are left out; `--model_kw=scan_blocks=true`
+#      times them.)
 #   4. the largest batch, one process per model (PyTorch first, then JAX, each with the whole
 #      device); the memory slope comes from phase 2's compiled step, so only one compile is added.
 set -euo pipefail
@@ -73,14 +74,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # even ones as 'auto' runs them, odd ones padded by one masked token as attention=cudnn runs them.
 read -r ATTENTION PADDED < <("$PY" - <<'EOF' || echo xla no
 import jax, jax.numpy as jnp, sys
-from hvt_jax.model import hvt
-if hvt.attention_implementation('auto', jnp.bfloat16, 196) != 'cudnn':
+from hvt_jax.model import attention, settings
+if settings.attention_implementation('auto', jnp.bfloat16, 196) != 'cudnn':
   print('xla no'); sys.exit()
 ok = {}
 for n in (196, 48, 97, 23):  # the token counts of HVT stages at 224 px
   q, k, v = jax.random.normal(jax.random.key(n), (3, 8, n, 6, 64), jnp.bfloat16)
   def loss(q, k, v, impl):
-    out = hvt.attend(q, k, v, 0.125, impl)
+    out = attention.attend(q, k, v, 0.125, impl)
     return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(64)))
   grad = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)
   ref = grad(*(t.astype(jnp.float32) for t in (q, k, v)), 'xla')

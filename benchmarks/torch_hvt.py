@@ -4,9 +4,13 @@ Built from the same fields as `hvt_jax.model.HVT` (extra fields such as `attenti
 are ignored), with the official parameter names (`blocks.{i}.attn.qkv.weight`, ...), so an
 official state dict loads as is and `state_dict_from_flax` maps hvt_jax parameters onto it.
 Attention runs through `F.scaled_dot_product_attention` (PyTorch picks flash / memory-efficient
-kernels on GPU). Optional: needs torch (benchmarks/requirements.txt); nothing in hvt_jax imports it.
+kernels on GPU). `TorchSide` is the baseline as `model_speed.py` times it. Optional: needs torch (benchmarks/requirements.txt); nothing in hvt_jax imports it.
 """
 from __future__ import annotations
+
+import gc
+import os
+import time
 
 import numpy as np
 import torch
@@ -209,3 +213,50 @@ def make_train_step(model: TorchHVT, *, lr: float, weight_decay: float, ema_deca
 def torch_dtype(name: str) -> torch.dtype:
   return {'float32': torch.float32, 'bfloat16': torch.bfloat16}[name]
 
+
+
+class TorchSide:
+  """The PyTorch baseline at one batch and dtype, eager or under torch.compile, as a side of
+  `timing.rounds`. `on_gpu`: the JAX side runs on a GPU, so this one takes CUDA too."""
+
+  def __init__(self, fields: dict, batch: int, dtype: str, compiled: bool, on_gpu: bool):
+    self.device = 'cuda' if torch.cuda.is_available() and on_gpu else 'cpu'
+    if self.device == 'cpu':
+      torch.set_num_threads(os.cpu_count())
+    else:
+      torch.set_float32_matmul_precision('high')  # TF32, as XLA's default precision on GPU
+    self.kind = 'compiled' if compiled else 'eager'
+    self.net = TorchHVT(**fields).to(self.device)
+    self.step, self.predict = make_train_step(
+        self.net, lr=1e-3, weight_decay=0.025, ema_decay=0.99996,
+        num_classes=fields['num_classes'], dtype=torch_dtype(dtype), compile_model=compiled)
+    size = fields['image_size']
+    gen = torch.Generator().manual_seed(0)
+    self.images = torch.randn(batch, 3, size, size, generator=gen).to(self.device)
+    self.labels = torch.randint(0, fields['num_classes'], (batch,), generator=gen).to(self.device)
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up; under torch.compile this compiles forward and backward
+      self.sync(self.step(self.images, self.labels))
+      self.sync(self.predict(self.images))
+    self.warmup_s = time.perf_counter() - start
+
+  def run_forward(self):
+    return self.predict(self.images)
+
+  def run_train(self):
+    return self.step(self.images, self.labels)
+
+  def sync(self, _):
+    if self.device == 'cuda':
+      torch.cuda.synchronize()
+
+  def free(self):
+    del self.net, self.step, self.predict, self.images, self.labels
+    free_memory()
+
+
+def free_memory():
+  """Hands what PyTorch's CUDA allocator keeps cached back to the device, for JAX to use."""
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()

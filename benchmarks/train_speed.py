@@ -26,11 +26,11 @@ It prints, read back from the run's metrics.jsonl, so that the figures are the t
   - the cores this host has and the rate they could feed at that cost, and with
     `--target_img_s=R` (an accelerator's step rate) the busy cores feeding R images/s takes.
 
-`--json=FILE` appends those figures as one JSON line (benchmarks/results/ keeps them).
+`--json=FILE` appends those figures as one JSON line (benchmarks/results/ keeps them;
+`python benchmarks/speed_report.py FILE` prints them as a markdown table).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -42,7 +42,8 @@ import jax
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import synthetic_images  # noqa: E402 (benchmarks/ is not a package)
+import speed_report  # noqa: E402 (benchmarks/ is not a package)
+import synthetic_images  # noqa: E402
 
 from hvt_jax import cli  # noqa: E402
 from hvt_jax.data import folders  # noqa: E402
@@ -161,8 +162,7 @@ def main(argv):
     print(f'  {need:9.1f} busy cores to feed {FLAGS.target_img_s:.0f} images/s (--target_img_s)')
     row.update(target_img_s=FLAGS.target_img_s, cores_for_target=need)
   if FLAGS.json:
-    with open(FLAGS.json, 'a') as f:
-      f.write(json.dumps(row, default=str) + '\n')
+    speed_report.append_row(FLAGS.json, row)
 
 
 if __name__ == '__main__':
