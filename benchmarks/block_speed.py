@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hvt_jax.model import hvt
+from hvt_jax.model import layers, settings
 
 try:
   import torch
@@ -63,10 +63,10 @@ def main():
   weight = jax.random.normal(jax.random.key(1), (b, n, width), dtype)
   gpu = jax.default_backend() == 'gpu'
   parts = {
-      'attention': hvt.Attention(heads, width // heads, 0.0, 0.0, dtype,
-                                 hvt.attention_implementation('auto', dtype, n)),
-      'mlp': hvt.Mlp(4 * width, 0.0, dtype),
-      'layernorm': hvt.layer_norm('norm', dtype),
+      'attention': layers.Attention(heads, width // heads, 0.0, 0.0, dtype,
+                                    settings.attention_implementation('auto', dtype, n)),
+      'mlp': layers.Mlp(4 * width, 0.0, dtype),
+      'layernorm': layers.layer_norm('norm', dtype),
   }
   if torch is not None:
     device = 'cuda' if gpu and torch.cuda.is_available() else 'cpu'

@@ -4,6 +4,10 @@ import numpy as np
 import pytest
 
 from hvt_jax import model as model_lib
+from hvt_jax.model import layers
+from hvt_jax.model.attention import attention_weights, padded_attention, softmax_attention
+from hvt_jax.model.gelu import gelu
+from hvt_jax.model.settings import attention_implementation, scans_blocks
 from tests.helpers import TINY_MODEL
 
 # Published parameter counts and the tokens entering blocks after each pooling
@@ -149,7 +153,7 @@ SCANNED = dict(TINY_MODEL, depth=6, pool_every=3)
 def test_scanned_blocks_match_unrolled_blocks_and_keep_their_names(settings):
   scanned = model_lib.HVT(**settings)
   unrolled = scanned.clone(scan_blocks=False)
-  assert model_lib.hvt.scans_blocks(scanned.scan_blocks)  # the default, on CPU
+  assert scans_blocks(scanned.scan_blocks)  # the default, on CPU
   params = model_lib.init_params(scanned, jax.random.key(0))
   assert jax.tree.structure(params) == jax.tree.structure(model_lib.abstract_params(unrolled))
   assert [k for k in params if k.startswith('blocks_')] == [f'blocks_{i}' for i in range(scanned.depth)]
@@ -262,25 +266,23 @@ class _FakeGPU:
 def test_auto_attention_takes_cudnn_only_for_blocks_it_can_train(monkeypatch):
   """JAX refuses to train cuDNN attention on odd token counts (an H100 run hit it at HVT-S-1's
   97 tokens): 'auto' must pick XLA there; an explicit 'cudnn' pads one masked token."""
-  from hvt_jax.model import hvt
   monkeypatch.setattr(jax, 'devices', lambda *a: [_FakeGPU()])
-  assert hvt.attention_implementation('auto', jnp.bfloat16, 196) == 'cudnn'
-  assert hvt.attention_implementation('auto', jnp.bfloat16, 97) == 'xla'
-  assert hvt.attention_implementation('auto', jnp.float32, 196) == 'xla'
-  assert hvt.attention_implementation('cudnn', jnp.bfloat16, 48) == 'cudnn'
-  assert hvt.attention_implementation('cudnn', jnp.bfloat16, 97) == 'cudnn-padded'
+  assert attention_implementation('auto', jnp.bfloat16, 196) == 'cudnn'
+  assert attention_implementation('auto', jnp.bfloat16, 97) == 'xla'
+  assert attention_implementation('auto', jnp.float32, 196) == 'xla'
+  assert attention_implementation('cudnn', jnp.bfloat16, 48) == 'cudnn'
+  assert attention_implementation('cudnn', jnp.bfloat16, 97) == 'cudnn-padded'
 
 
 @pytest.mark.parametrize('tokens', [97, 23])
 def test_padding_one_masked_token_keeps_attention_and_its_gradients(tokens):
   """What attention='cudnn' does for odd token counts, here with XLA's kernel underneath."""
-  from hvt_jax.model import hvt
   q, k, v = jax.random.normal(jax.random.key(tokens), (3, 2, tokens, 3, 8))
   weight = jax.random.normal(jax.random.key(1), (2, tokens, 3, 8))
   def loss(attention, q, k, v):
     return jnp.sum(attention(q, k, v) * weight)
   plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.3)
-  padded = lambda q, k, v: hvt.padded_attention(q, k, v, 0.3, 'xla')
+  padded = lambda q, k, v: padded_attention(q, k, v, 0.3, 'xla')
   np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=1e-6)
   grads = jax.grad(loss, (1, 2, 3))
   for g, ref in zip(grads(padded, q, k, v), grads(plain, q, k, v)):
@@ -292,11 +294,10 @@ def test_padding_one_masked_token_keeps_attention_and_its_gradients(tokens):
 def test_softmax_attention_gradient_is_autodiffs(dtype, atol):
   """XLA's attention with its hand-written gradient against autodiff of the same formula, and
   in float32 against jax.nn's attention."""
-  from hvt_jax.model import hvt
   q, k, v = (jax.random.normal(jax.random.key(0), (3, 2, 3, 23, 8)) * 2).astype(dtype)
   weight = jax.random.normal(jax.random.key(1), (2, 3, 23, 8)).astype(dtype)
-  autodiff = lambda q, k, v: hvt.attention_weights(q, k, 0.3, q.dtype) @ v
-  ours = lambda q, k, v: hvt.softmax_attention(q, k, v, 0.3)
+  autodiff = lambda q, k, v: attention_weights(q, k, 0.3, q.dtype) @ v
+  ours = lambda q, k, v: softmax_attention(q, k, v, 0.3)
   f32 = lambda t: np.asarray(t.astype(jnp.float32))
   np.testing.assert_array_equal(f32(ours(q, k, v)), f32(autodiff(q, k, v)))
   loss = lambda attention, q, k, v: jnp.sum((attention(q, k, v) * weight).astype(jnp.float32))
@@ -314,9 +315,8 @@ def test_softmax_attention_gradient_is_autodiffs(dtype, atol):
 
 
 def test_scan_blocks_settings():
-  from hvt_jax.model import hvt
-  assert hvt.scans_blocks('auto') == (jax.default_backend() == 'cpu')
-  assert [hvt.scans_blocks(v) for v in (True, 'true', 'True', False, 'false', 'FALSE')] == [True] * 3 + [False] * 3
+  assert scans_blocks('auto') == (jax.default_backend() == 'cpu')
+  assert [scans_blocks(v) for v in (True, 'true', 'True', False, 'false', 'FALSE')] == [True] * 3 + [False] * 3
   with pytest.raises(model_lib.ConfigError, match="scan_blocks='sometimes': choose auto, true or false"):
     model_lib.HVT(**TINY_MODEL, scan_blocks='sometimes')
 
@@ -337,28 +337,26 @@ def test_patch_embedding_is_the_official_strided_convolution():
 
 @pytest.mark.parametrize('dtype, atol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_gelu_is_the_exact_gelu_with_its_true_gradient(dtype, atol):
-  from hvt_jax.model import hvt
   x = (jax.random.normal(jax.random.key(0), (4096,)) * 4).astype(dtype)
   x = jnp.concatenate([x, jnp.array([-30, -4, 0, 4, 30], dtype)])  # both tails, and the clip at 4
   exact = lambda x: jax.nn.gelu(x, approximate=False)
   # Within one float32 step of the value at |x| <= 12 (the erf polynomial's error, ~4e-7 of Phi,
   # times |x|); in bfloat16 within one bfloat16 step.
-  np.testing.assert_allclose(hvt.gelu(x).astype(np.float32), exact(x).astype(np.float32),
+  np.testing.assert_allclose(gelu(x).astype(np.float32), exact(x).astype(np.float32),
                              atol=atol * 2, rtol=atol / 4 if dtype == jnp.float32 else 1e-2)
   weights = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * weights).astype(jnp.float32))(x)
-  np.testing.assert_allclose(grad(hvt.gelu).astype(np.float32), grad(exact).astype(np.float32),
+  np.testing.assert_allclose(grad(gelu).astype(np.float32), grad(exact).astype(np.float32),
                              atol=atol * 10, rtol=atol)
 
 
 def test_gelu_matches_float64_erf():
-  """The erf polynomial behind `hvt.gelu` against SciPy's float64 erf, over its whole range."""
+  """The erf polynomial behind `gelu` against SciPy's float64 erf, over its whole range."""
   from scipy import special
-  from hvt_jax.model import hvt
   x = np.linspace(-12, 12, 100_001, dtype=np.float32)
   x64 = x.astype(np.float64)
   exact = x64 * 0.5 * (1 + special.erf(x64 / np.sqrt(2)))
-  ours = np.asarray(jax.jit(hvt.gelu)(x))
+  ours = np.asarray(jax.jit(gelu)(x))
   np.testing.assert_allclose(ours, exact, atol=1.5e-6, rtol=0)
   # Near zero, where the value is ~x/2, the error is relative.
   small = np.abs(x) < 0.5
@@ -367,15 +365,39 @@ def test_gelu_matches_float64_erf():
 
 @pytest.mark.parametrize('attention_dropout', [0.2, 0.0], ids=['autodiff', 'softmax_attention'])
 def test_scanned_blocks_recompute_dropout_masks_for_their_gradients(monkeypatch, attention_dropout):
-  """Scanned blocks keep only some activations for the backward pass (`hvt.SCAN_SAVES`) and
+  """Scanned blocks keep only some activations for the backward pass (`layers.SCAN_SAVES`) and
   recompute the rest, random masks included: the gradients are those of keeping everything,
   on both attention paths (without attention dropout, the hand-written gradient's)."""
-  from hvt_jax.model import hvt
   model = model_lib.HVT(**SCANNED, drop_path=0.3, dropout=0.2, attention_dropout=attention_dropout)
   params = model_lib.init_params(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   logits, grads = _logits_and_grads(model, params, x, train=True)
-  monkeypatch.setattr(hvt, 'SCAN_SAVES', jax.checkpoint_policies.everything_saveable)
+  monkeypatch.setattr(layers, 'SCAN_SAVES', jax.checkpoint_policies.everything_saveable)
   ref_logits, ref_grads = _logits_and_grads(model.clone(), params, x, train=True)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-6)
   _assert_same(grads, ref_grads, atol=1e-6)
+
+
+def test_resolved_settings_ask_for_no_device_when_traced(monkeypatch):
+  """`resolve_settings` decides the 'auto' settings once, for the devices given: the model built
+  from its answer is traced without asking JAX for a device, as a TPU step compiled on a CPU host
+  needs. Left 'auto', the trace asks this host."""
+  if jax.default_backend() == 'gpu':
+    pytest.skip("on a GPU attention stays 'auto', chosen per block when traced (settings.py)")
+  fields = {**TINY_MODEL, 'dtype': 'auto', 'attention': 'auto', 'scan_blocks': 'auto'}
+  resolved = model_lib.HVT(**model_lib.resolve_settings(fields, jax.devices()))
+  unresolved = model_lib.HVT(**fields)
+  assert resolved.attention == 'xla' and resolved.scan_blocks in ('true', 'false')
+  assert resolved.dtype in ('float32', 'bfloat16')
+  key, images = jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+
+  def probe(*args, **kwargs):
+    raise AssertionError('the trace asked for a device')
+  monkeypatch.setattr(jax, 'devices', probe)
+  monkeypatch.setattr(jax, 'default_backend', probe)
+  params = jax.eval_shape(lambda k: resolved.init(k, images)['params'], key)
+  logits = jax.eval_shape(lambda p: resolved.apply({'params': p}, images, train=True,
+                                                   rngs={'dropout': key}), params)
+  assert logits.shape == (1, 5)
+  with pytest.raises(AssertionError, match='the trace asked for a device'):
+    jax.eval_shape(lambda p: unresolved.apply({'params': p}, images), params)

@@ -20,7 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hvt_jax.model import hvt
+from hvt_jax.model.network import HVT
+from hvt_jax.model.variants import pools_at, tokens_per_block
 
 
 def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
@@ -75,16 +76,16 @@ def resample_params(params: dict[str, Any], old_config: dict[str, Any],
   to pool.
   """
   new_config = {**old_config, 'image_size': new_size}
-  tokens_new = hvt.tokens_per_block(**new_config)  # impossible sizes fail here, in words
+  tokens_new = tokens_per_block(**new_config)  # impossible sizes fail here, in words
   if new_size == old_config['image_size']:
     return params
-  tokens_old = hvt.tokens_per_block(**old_config)
+  tokens_old = tokens_per_block(**old_config)
   p, class_token = old_config['patch_size'], bool(old_config.get('class_token'))
   out = dict(params)
   out['pos_embed'] = _stem(params['pos_embed'], old_config['image_size'] // p, new_size // p,
                            class_token)
   for i in range(old_config['depth']):
-    if hvt.pools_at(i, old_config['pool_every']):
+    if pools_at(i, old_config['pool_every']):
       block = dict(params[f'blocks_{i}'])
       # Block i's embedding is added after its pool: the count entering block i + 1.
       m = linear_matrix(tokens_old[i + 1], tokens_new[i + 1])
@@ -93,9 +94,9 @@ def resample_params(params: dict[str, Any], old_config: dict[str, Any],
   return out
 
 
-def at_size(model: hvt.HVT, params, image_size: int | None) -> tuple[hvt.HVT, Any]:
+def at_size(model: HVT, params, image_size: int | None) -> tuple[HVT, Any]:
   """`(model, params)` at `image_size` (None: as they are)."""
   if image_size is None:
     return model, params
   resampled = resample_params(params, model.config(), image_size)
-  return hvt.HVT(**{**model.config(), 'image_size': image_size}), resampled
+  return HVT(**{**model.config(), 'image_size': image_size}), resampled
