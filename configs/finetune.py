@@ -22,9 +22,8 @@ no 384 figure is published for HVT. Resampling alone, before any fine-tuning, ta
 digits demo from 99.7% held-out top-1 at 32 px to 82.0% at 48 px (README): the fine-tuning is
 what adapts the model to the new scale.
 """
-from hvt_jax import defaults
+from hvt_jax import defaults, loading
 from hvt_jax.errors import UserError
-from hvt_jax.training import checkpoint
 
 
 def get_config(arg=None):
@@ -33,7 +32,7 @@ def get_config(arg=None):
     raise UserError('configs/finetune.py needs init_from=DIR: the model dir or workdir whose '
                     'weights to fine-tune.')
   config = defaults.train_config()
-  config.model = {**checkpoint.resolve(arg.init_from).meta['model'], 'image_size': arg.size}
+  config.model = {**loading.resolve(arg.init_from).meta['model'], 'image_size': arg.size}
   defaults.use_dataset(config, arg.data)
   config.init_from = arg.init_from
   config.num_epochs = arg.epochs

@@ -17,8 +17,9 @@ def quiet_native_logs() -> None:
   absl::InitializeLog()") and per-op warnings ("OP_REQUIRES failed") are for developers.
 
   Both read the environment once, when first imported (jax even sets its own default), so
-  `hvt_jax/__init__.py` calls this before importing either. An explicit setting or a
-  --verbosity flag keeps them.
+  each command module (`python -m hvt_jax.<command>`) calls this before importing either; this
+  module imports neither. Importing `hvt_jax` as a library leaves the environment alone. An
+  explicit setting or a --verbosity flag keeps them.
   """
   if any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
     return

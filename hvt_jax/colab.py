@@ -147,7 +147,7 @@ def _plugin_requires(installed: dict[str, str | None]) -> dict[str, list[str]]:
 
 def main() -> int:
   installed = _installed()
-  jax_version = installed['jax']  # hvt_jax, imported to run this, imported jax
+  jax_version = installed['jax']  # installed with hvt_jax, which requires it
   device = hardware()
   cuda = re.search(r'CUDA Version: (\d+)', _nvidia_smi()) if device == 'gpu' else None
   extra = jax_extra(installed, device, int(cuda.group(1)) if cuda else None)
@@ -167,4 +167,6 @@ def main() -> int:
 
 
 if __name__ == '__main__':
+  from hvt_jax import cli
+  cli.quiet_native_logs()  # inherited by the probe, whose last line of stderr is the one shown
   sys.exit(main())

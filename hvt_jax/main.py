@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 
+from hvt_jax import cli
 from hvt_jax.training import host_memory, peers
 
 if __name__ == '__main__':
+  cli.quiet_native_logs()  # before jax and TensorFlow, which read their log settings when imported
   # Before the imports below: the restart runs this module again from its top, and they take
-  # ~3.5 s (TensorFlow, through clu's summary writer).
+  # seconds (TensorFlow, through clu's summary writer).
   host_memory.relaunch_with_huge_pages()
   # Multi-process runs: a parent that turns a dead peer's native abort into one line.
   peers.supervise()
@@ -26,7 +28,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from hvt_jax import cli, console
+from hvt_jax import console
 from hvt_jax.training import loop
 
 FLAGS = flags.FLAGS

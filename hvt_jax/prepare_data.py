@@ -10,9 +10,13 @@ manual dir (default <data_dir>/downloads/manual). Preparing it takes hours and ~
 """
 from __future__ import annotations
 
+from hvt_jax import cli
+
+if __name__ == '__main__':
+  cli.quiet_native_logs()  # before TensorFlow, imported below, reads its log settings
+
 from absl import flags
 
-from hvt_jax import cli
 from hvt_jax.data import datasets
 
 FLAGS = flags.FLAGS

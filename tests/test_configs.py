@@ -10,8 +10,8 @@ import pytest
 from hvt_jax import cli, defaults
 from hvt_jax.data import input_spec
 from hvt_jax import model as model_lib
+from hvt_jax.model_dir import save_model
 from hvt_jax.errors import UserError
-from hvt_jax.training import checkpoint
 from tests.helpers import REPO
 
 
@@ -197,7 +197,7 @@ def test_a_resume_may_change_how_the_model_runs_but_not_what_it_is(tmp_path):
 def model_dir(tmp_path):
   model = model_lib.create('hvt-ti-1')
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_lib.abstract_params(model))
-  return checkpoint.save_model(str(tmp_path / 'ti'), model, params)
+  return save_model(str(tmp_path / 'ti'), model, params)
 
 
 def test_finetune_is_deits_384_recipe_from_saved_weights(model_dir):

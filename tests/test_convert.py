@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from hvt_jax.training import checkpoint
+from hvt_jax import loading, model_dir
 from hvt_jax.interop import convert, pth_reader
 from hvt_jax import model as model_lib
 from tests import torch_layout
@@ -26,7 +26,7 @@ def test_tiny_official_checkpoint_matches_official_logits(tiny_official_fixture,
   pth, npz = tiny_official_fixture
   ref = np.load(npz)
   out = convert.convert(str(pth), str(tmp_path / 'tiny'))
-  model, params = checkpoint.load(out)
+  model, params = loading.load(out)
   assert (model.num_heads, model.head_dim, model.depth, model.pool_every) == (1, 64, 4, 2)
   assert (model.image_size, model.num_classes) == (64, 10)
   assert model_lib.param_count(params) == int(ref['num_params'])
@@ -41,7 +41,7 @@ def test_official_fixture_matches_official_logits(official_fixture, tmp_path):
   pth, npz = official_fixture
   ref = np.load(npz)
   out = convert.convert(str(pth), str(tmp_path / 'ti1'))
-  model, params = checkpoint.load(out)
+  model, params = loading.load(out)
   assert model.config() == model_lib.variant('hvt-ti-1')
   assert model_lib.param_count(params) == int(ref['num_params'])
   assert model.tokens_per_block() == list(ref['seq_lens'])
@@ -61,7 +61,7 @@ def test_converted_random_weights_match_numpy_reference(kind, tmp_path):
   # Full training files carry more than the weights; bare state dicts exist too.
   saved = sd if kind == 'deit_class_token' else {'model': sd, 'epoch': 7, 'optimizer': {'state': {}}}
   torch_layout.write_pth(tmp_path / 'ck.pth', saved)
-  model, params = checkpoint.load(convert.convert(str(tmp_path / 'ck.pth'), str(tmp_path / 'out')))
+  model, params = loading.load(convert.convert(str(tmp_path / 'ck.pth'), str(tmp_path / 'out')))
   assert (model.num_heads, model.depth, model.patch_size, model.image_size) == (2, 4, 4, 32)
   assert (model.pool_every, model.class_token) == (expected_every, kind == 'deit_class_token')
   x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
@@ -135,11 +135,11 @@ def test_damaged_model_dirs_give_clear_errors(tmp_path):
   meta = json.loads((tmp_path / 'out' / 'model.json').read_text())
   assert meta['model']['pool_every'] == 4 and 'converted from' in meta['source']
   (tmp_path / 'out' / 'model.json').write_text('{"model": {"depth": ')
-  with pytest.raises(checkpoint.CheckpointError, match='model.json is corrupt'):
-    checkpoint.load(out)
+  with pytest.raises(model_dir.CheckpointError, match='model.json is corrupt'):
+    loading.load(out)
   (tmp_path / 'out' / 'model.json').write_text(json.dumps(meta))
   for f in (tmp_path / 'out' / 'params').rglob('*'):
     if f.is_file() and f.name != '_CHECKPOINT_METADATA':
       f.write_bytes(b'garbage')
-  with pytest.raises(checkpoint.CheckpointError, match='corrupt or incomplete'):
-    checkpoint.load(out)
+  with pytest.raises(model_dir.CheckpointError, match='corrupt or incomplete'):
+    loading.load(out)

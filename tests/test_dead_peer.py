@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from hvt_jax import loading
 from hvt_jax.training import checkpoint, peers
 from tests import helpers
 
@@ -171,5 +172,5 @@ def test_the_survivor_of_a_killed_process_stops_in_one_line_and_keeps_the_checkp
   assert found and int(found[1]) >= latest >= saved >= 4, after
   shown = '\n'.join(line for _, line in printed)
   assert not any(text in shown for text in ('Traceback', 'Fatal Python', 'Check failure', ' @ '))
-  _, params = checkpoint.load(str(run), step=latest)  # what the rerun resumes from loads
+  _, params = loading.load(str(run), step=latest)  # what the rerun resumes from loads
   assert params

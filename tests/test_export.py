@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from hvt_jax import loading
 from hvt_jax.interop import convert, export, pth_reader
-from hvt_jax.training import checkpoint
 from tests import helpers, torch_layout
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)
@@ -34,7 +34,7 @@ def _images(n=7):
 
 
 def _jax_logits(model_dir, x):
-  model, params = checkpoint.load(model_dir, sharding='cpu')
+  model, params = loading.load(model_dir, sharding='cpu')
   return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x))(params, x))
 
 
@@ -56,7 +56,7 @@ def test_orbax_from_a_model_dir(model_dirs, tmp_path):
   out = export.export(model_dirs['hvt'], str(tmp_path / 'copy'))
   x = _images()
   np.testing.assert_array_equal(_jax_logits(out, x), _jax_logits(model_dirs['hvt'], x))
-  source = checkpoint.resolve(out).meta['source']
+  source = loading.resolve(out).meta['source']
   assert source.startswith(f'exported {model_dirs["hvt"]} (converted from')
 
 
@@ -81,7 +81,7 @@ def test_stablehlo_runs_standalone_at_any_batch(model_dirs, tmp_path):
 def test_savedmodel_serving_default(model_dirs, tmp_path):
   import tensorflow as tf  # the export imported it already
   out = export.export(model_dirs['deit'], str(tmp_path / 'sm'), format='savedmodel')
-  assert checkpoint.resolve(os.path.join(out, 'assets.extra')).meta['format'] == 'savedmodel'
+  assert loading.resolve(os.path.join(out, 'assets.extra')).meta['format'] == 'savedmodel'
   serve = tf.saved_model.load(out).signatures['serving_default']
   spec = serve.structured_input_signature[1]['images']
   assert spec.shape.as_list() == [None, 32, 32, 3] and spec.dtype == tf.float32
@@ -95,7 +95,7 @@ def test_savedmodel_serving_default(model_dirs, tmp_path):
 @pytest.mark.parametrize('kind', KINDS)
 def test_pytorch_round_trip_is_bit_for_bit(kind, model_dirs, tmp_path):
   out = export.export(model_dirs[kind], str(tmp_path / 'model.pth'), format='pytorch')
-  model, params = checkpoint.load(model_dirs[kind], sharding='cpu')
+  model, params = loading.load(model_dirs[kind], sharding='cpu')
   saved = pth_reader.load(out)
   assert list(saved) == ['model']
   assert list(saved['model']) == [name for name, _, _ in convert.official_layout(model.config())]
@@ -114,7 +114,7 @@ def test_pytorch_file_loads_in_torch_strictly(kind, model_dirs, tmp_path):
   torch = pytest.importorskip('torch', reason='PyTorch is not installed: torch.load is not tested')
   out = export.export(model_dirs[kind], str(tmp_path / 'model.pth'), format='pytorch')
   sd = torch.load(out, weights_only=True)['model']
-  model, _ = checkpoint.load(model_dirs[kind], sharding='cpu')
+  model, _ = loading.load(model_dirs[kind], sharding='cpu')
   module = torch_layout.official_module(torch, model.config())
   module.load_state_dict(sd, strict=True)
   x = _images(2)

@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 import pytest
 
-from hvt_jax.interop import weights
+from hvt_jax import published
 from tests.helpers import REPO
 
 COLAB = REPO / 'colab'
@@ -38,7 +38,7 @@ def test_the_notebooks_are_all_here():
   assert sorted(p.stem for p in COLAB.glob('*.ipynb')) == sorted(NOTEBOOKS)
 
 
-# The project publishes under PROJECT; the official HVT release (weights.RELEASE_URL) is OFFICIAL.
+# The project publishes under PROJECT; the official HVT release (published.RELEASE_URL) is OFFICIAL.
 PROJECT = 'https://github.com/hvt-jax/hvt_jax'
 OFFICIAL = 'https://github.com/zhuang-group/HVT'
 GITHUB = re.compile(r'https?://github\.com/[\w.-]+/[\w.-]+')
@@ -69,7 +69,7 @@ def test_one_install_cell_for_all_notebooks():
 
 
 def test_github_urls_are_the_project_and_the_official_release():
-  assert weights.RELEASE_URL.startswith(OFFICIAL + '/')
+  assert published.RELEASE_URL.startswith(OFFICIAL + '/')
   texts = {f'{name}.ipynb': ''.join(c.source for c in read(name).cells) for name in NOTEBOOKS}
   texts['README.md'] = (REPO / 'README.md').read_text()
   for where, text in texts.items():
@@ -84,7 +84,7 @@ def test_github_urls_are_the_project_and_the_official_release():
 def test_quickstart_loads_official_weights_by_their_published_name():
   settings = read('quickstart').cells[2].source
   name = re.search(r"^WEIGHTS = '([^']*)'", settings, re.M).group(1)
-  assert name in weights.PUBLISHED
+  assert name in published.PUBLISHED
   assert 'hvt_jax.load(MODEL_DIR)' in read('quickstart').cells[4].source
 
 

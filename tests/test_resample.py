@@ -9,7 +9,7 @@ from PIL import Image
 from hvt_jax import model as model_lib
 from hvt_jax.interop import convert
 from hvt_jax.model import resample
-from hvt_jax.training import checkpoint
+from hvt_jax import loading
 from tests import torch_layout
 from tests.helpers import TINY_CONFIG, TINY_MODEL, run
 
@@ -80,7 +80,7 @@ def test_official_224_model_evaluates_at_384(tmp_path):
                                       pooled_tokens=[97])
   torch_layout.write_pth(tmp_path / 'ti.pth', {'model': sd})
   out = convert.convert(str(tmp_path / 'ti.pth'), str(tmp_path / 'ti'))
-  model, params = checkpoint.load(out, image_size=384)
+  model, params = loading.load(out, image_size=384)
   assert model.image_size == 384 and model.tokens_per_block()[1] == 287  # (576 - 3) // 2 + 1
   x = np.random.default_rng(1).normal(size=(1, 384, 384, 3)).astype(np.float32)
   logits = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x))(params, x))

@@ -1,7 +1,7 @@
 import pytest
 
 from hvt_jax import model as model_lib
-from hvt_jax.model import summary
+from hvt_jax import summary
 from tests.helpers import REPO, TINY_MODEL, run
 
 # Exact per-image MACs in the paper's convention and the table's rounded figures

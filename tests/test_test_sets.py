@@ -13,7 +13,8 @@ from PIL import Image
 
 from hvt_jax import defaults
 from hvt_jax import model as model_lib
-from hvt_jax.training import checkpoint, loop
+from hvt_jax.model_dir import save_model
+from hvt_jax.training import loop
 from tests import fake_imagenet
 from tests.helpers import TINY_MODEL
 
@@ -26,7 +27,7 @@ def model_dir(tmp_path_factory):
   params = model_lib.init_params(model, jax.random.key(0))
   params['head'] = {'kernel': np.zeros_like(params['head']['kernel']),
                     'bias': 10 * np.eye(1000, dtype=np.float32)[CLASS]}
-  return checkpoint.save_model(str(tmp_path_factory.mktemp('m') / 'model'), model, params)
+  return save_model(str(tmp_path_factory.mktemp('m') / 'model'), model, params)
 
 
 def _eval(name, data_dir, model_dir, workdir, manual_dir=None):

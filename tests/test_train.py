@@ -9,13 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from hvt_jax import loading
+from hvt_jax.model_dir import save_model
 from hvt_jax.training import checkpoint, curves
 from tests import tiny_config
 from tests.helpers import run_main
 
 
 def params_of(workdir, **kw):
-  _, params = checkpoint.load(str(workdir), sharding='cpu', **kw)
+  _, params = loading.load(str(workdir), sharding='cpu', **kw)
   return jax.tree.map(np.asarray, params)
 
 
@@ -35,7 +37,7 @@ def test_loss_falls_and_everything_is_written(tmp_path):
   assert json.loads((tmp_path / 'config.json').read_text())['model']['depth'] == 4
   mngr = checkpoint.manager(str(tmp_path), read_only=True)
   assert 24 in mngr.all_steps() and mngr.best_step() in (8, 16, 24)
-  saved = checkpoint.resolve(str(tmp_path))
+  saved = loading.resolve(str(tmp_path))
   meta = saved.meta
   assert saved.step == 24 and saved.params_dir.endswith('/checkpoints/24/params')
   assert meta['class_names'] == [str(i) for i in range(10)] and meta['preprocess']['crop_pct'] == 0.875
@@ -154,8 +156,8 @@ def test_a_changed_config_needs_a_new_workdir(tmp_path):
 def test_eval_only_from_a_model_dir(tmp_path):
   from hvt_jax import model as model_lib
   model = model_lib.HVT(**tiny_config.get_config().model)
-  model_dir = checkpoint.save_model(str(tmp_path / 'model'), model,
-                                    model_lib.init_params(model, jax.random.key(3)))
+  model_dir = save_model(str(tmp_path / 'model'), model,
+                          model_lib.init_params(model, jax.random.key(3)))
   run_main(tmp_path / 'eval', '--config.eval_only=True', f'--config.init_from={model_dir}')
   results = json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())
   assert results['step'] == 0 and results['eval/examples'] == 300
@@ -174,7 +176,7 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   config = tiny_config.get_config()
   source = model_lib.HVT(**{**config.model, 'num_classes': 5})
   source_params = model_lib.init_params(source, jax.random.key(7))
-  model_dir = checkpoint.save_model(str(tmp_path / 'src'), source, source_params)
+  model_dir = save_model(str(tmp_path / 'src'), source, source_params)
   model = model_lib.HVT(**config.model)
   mesh = sharding.make_mesh((('data', -1),))
   state, shardings = train_step.create_state(model, optax.sgd(0.1), jax.random.key(0), ema=True,
@@ -190,8 +192,8 @@ def test_init_from_keeps_a_fresh_head_for_another_class_count(tmp_path):
   assert started.params['head']['kernel'].shape == (32, 10)
   np.testing.assert_array_equal(started.params['head']['kernel'], state.params['head']['kernel'])
   narrower = model_lib.HVT(**{**config.model, 'head_dim': 8})
-  other_dir = checkpoint.save_model(str(tmp_path / "other"), narrower,
-                                    model_lib.init_params(narrower, jax.random.key(1)))
+  other_dir = save_model(str(tmp_path / "other"), narrower,
+                          model_lib.init_params(narrower, jax.random.key(1)))
   with pytest.raises(loop.TrainError, match='does not fit this model'):
     loop._start_from(state, other_dir, shardings)
 
@@ -242,7 +244,7 @@ def test_a_step_saved_with_the_old_data_item_resumes_and_loads(tmp_path):
   assert int(restored.step) == 4 and processes is None  # that version did not note it
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)
-  loaded_model, params = checkpoint.load(str(tmp_path), ema=True)
+  loaded_model, params = loading.load(str(tmp_path), ema=True)
   assert loaded_model == model
   np.testing.assert_array_equal(params['head']['kernel'], state.ema_params['head']['kernel'])
 
@@ -259,7 +261,7 @@ def test_a_stacked_train_state_is_saved_block_by_block_and_restored_stacked(tmp_
     checkpoint.save_train(mngr, state, {'model': model.config()})
     mngr.wait_until_finished()
   for ema, expected in ((False, state.params), (True, state.ema_params)):
-    loaded_model, params = checkpoint.load(str(tmp_path), ema=ema)
+    loaded_model, params = loading.load(str(tmp_path), ema=ema)
     assert jax.tree.structure(params) == jax.tree.structure(model_lib.abstract_params(model))
     jax.tree.map(np.testing.assert_array_equal, params, model_lib.unstack_blocks(expected))
   fresh = jax.tree.map(jax.numpy.zeros_like, state)

@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 import hvt_jax
+from hvt_jax import loading, model_dir
 from hvt_jax.training import checkpoint
 from hvt_jax.interop import export
 from hvt_jax import model as model_lib
@@ -39,16 +40,16 @@ def test_load_latest_best_raw_and_ema_without_the_optimizer(workdir):
   assert steps == [8, 12]  # latest 1 kept, plus the best (the only evaluated earlier step)
   for step in steps:
     shutil.rmtree(workdir / 'checkpoints' / str(step) / 'opt')  # loading must not need it
-  latest_model, latest = checkpoint.load(str(workdir))
-  _, best = checkpoint.load(str(workdir), best=True)
-  _, ema = checkpoint.load(str(workdir), ema=True)
-  _, step8 = checkpoint.load(str(workdir / 'checkpoints'), step=8)
+  latest_model, latest = loading.load(str(workdir))
+  _, best = loading.load(str(workdir), best=True)
+  _, ema = loading.load(str(workdir), ema=True)
+  _, step8 = loading.load(str(workdir / 'checkpoints'), step=8)
   assert latest_model.depth == 4 and latest_model.image_size == 16
   np.testing.assert_array_equal(_logits(latest_model, best), _logits(latest_model, step8))
   assert not np.allclose(_logits(latest_model, latest), _logits(latest_model, best))
   assert not np.allclose(_logits(latest_model, latest), _logits(latest_model, ema))
-  with pytest.raises(checkpoint.CheckpointError, match=r'no checkpoint at step 5; it has steps \[8, 12\]'):
-    checkpoint.load(str(workdir), step=5)
+  with pytest.raises(model_dir.CheckpointError, match=r'no checkpoint at step 5; it has steps \[8, 12\]'):
+    loading.load(str(workdir), step=5)
 
 
 def test_a_model_dir_written_by_hand_in_the_first_layout_loads(tmp_path):
@@ -63,13 +64,13 @@ def test_a_model_dir_written_by_hand_in_the_first_layout_loads(tmp_path):
           'preprocess': {'crop_pct': 0.875, 'interpolation': 'bicubic',
                          'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}}
   (tmp_path / 'old' / 'model.json').write_text(json.dumps(meta))
-  saved = checkpoint.resolve(str(tmp_path / 'old'))
+  saved = loading.resolve(str(tmp_path / 'old'))
   assert saved.meta == meta and saved.step is None and saved.model == model
   loaded_model, loaded = hvt_jax.load(str(tmp_path / 'old'))
   assert loaded_model == model
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(checkpoint.CheckpointError, match='apply to training workdirs only'):
+  with pytest.raises(model_dir.CheckpointError, match='apply to training workdirs only'):
     hvt_jax.load(str(tmp_path / 'old'), ema=True)
 
 
@@ -78,7 +79,7 @@ def test_a_model_saved_with_gpu_run_settings_loads_and_runs_here(tmp_path):
   them: loading takes this machine's defaults for how the model runs, never what it computes."""
   base = model_lib.HVT(**tiny_config.get_config().model)
   params = model_lib.init_params(base, jax.random.key(3))
-  checkpoint.save_model(str(tmp_path / 'gpu'), base, params)
+  model_dir.save_model(str(tmp_path / 'gpu'), base, params)
   saved = base.clone(attention='cudnn', remat=True, scan_blocks=False)  # as on the GPU machine
   meta = json.loads((tmp_path / 'gpu' / 'model.json').read_text())
   (tmp_path / 'gpu' / 'model.json').write_text(json.dumps({**meta, 'model': saved.config()}))
@@ -96,8 +97,8 @@ def test_export_writes_a_small_params_only_model(workdir, tmp_path):
   meta = json.loads((out / 'model.json').read_text())
   assert meta['class_names'] == [str(i) for i in range(10)] and 'EMA weights of step 12' in meta['source']
   assert sorted(os.listdir(out)) == ['model.json', 'params']
-  model, params = checkpoint.load(str(out))
-  ref_model, ref = checkpoint.load(str(workdir), ema=True)
+  model, params = loading.load(str(out))
+  ref_model, ref = loading.load(str(workdir), ema=True)
   np.testing.assert_array_equal(_logits(model, params), _logits(ref_model, ref))
   size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
   assert size < 3 * 4 * model_lib.param_count(params)  # weights once, no optimizer moments
@@ -145,7 +146,7 @@ def test_fsdp_checkpoint_from_8_devices_restores_on_1_and_on_4(tmp_path):
            "--config.mesh=(('data', 4), ('fsdp', 2))", env=env, timeout=600)
   saved = json.loads((fsdp / 'checkpoints' / '4' / 'params' / '_sharding').read_text())
   assert any('fsdp' in v for v in saved.values())  # really saved split across devices
-  model, params = checkpoint.load(str(fsdp))  # this process: one CPU device
+  model, params = loading.load(str(fsdp))  # this process: one CPU device
   assert len(jax.devices()) == 1
   assert params['blocks_0']['attn']['qkv']['kernel'].shape == (128, 384)
   assert np.isfinite(_logits(model, params)).all()

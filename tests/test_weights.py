@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import hvt_jax
+from hvt_jax import loading, model_dir, published
 from hvt_jax import model as model_lib
 from hvt_jax.interop import convert, weights
-from hvt_jax.training import checkpoint
 from tests import helpers, torch_layout
 
 TINY_SD = dict(width=128, depth=4, patch=4, image=32, classes=5)
@@ -78,7 +78,7 @@ def tiny_release(server, tmp_path, monkeypatch):
   (server.root / 'v1.0').mkdir()
   torch_layout.write_pth(server.root / FILE, {'model': _tiny_sd(), 'epoch': 299})
   count = sum(a.size for a in _tiny_sd().values())
-  monkeypatch.setitem(weights.PUBLISHED, 'tiny-1', weights.Published(FILE, count, 50.0, 80.0))
+  monkeypatch.setitem(published.PUBLISHED, 'tiny-1', published.Published(FILE, count, 50.0, 80.0))
   monkeypatch.setenv('HVT_JAX_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('HVT_JAX_WEIGHTS_URL', server.url + '/')
   return server
@@ -98,10 +98,10 @@ def _same_params(a, b):
 
 
 def test_table_agrees_with_the_model_variants():
-  for name, entry in weights.PUBLISHED.items():
+  for name, entry in published.PUBLISHED.items():
     model = model_lib.HVT(**model_lib.variant(name))
     assert model_lib.param_count(model_lib.abstract_params(model)) == entry.params, name
-  assert weights.url('hvt-s-1') == f'{weights.RELEASE_URL}/v1.1/hvt_s_1.pth'
+  assert weights.url('hvt-s-1') == f'{published.RELEASE_URL}/v1.1/hvt_s_1.pth'
 
 
 def test_download_then_cached_without_the_server(tiny_release, tmp_path):
@@ -112,17 +112,17 @@ def test_download_then_cached_without_the_server(tiny_release, tmp_path):
   assert cached.read_bytes() == (tiny_release.root / FILE).read_bytes()
   sha = hashlib.sha256(cached.read_bytes()).hexdigest()
   assert json.loads((cached.parent / 'tiny_1.pth.json').read_text())['sha256'] == sha
-  meta = checkpoint.resolve(str(tmp_path / 'cache' / 'models' / 'tiny-1')).meta
+  meta = loading.resolve(str(tmp_path / 'cache' / 'models' / 'tiny-1')).meta
   assert meta['sha256'] == sha and meta['source'] == f'{tiny_release.url}/{FILE}'
   assert not [f for f in _cache_files(tmp_path) if '.part' in f or '.tmp' in f]
 
   tiny_release.stop()
   model2, params2 = hvt_jax.load('tiny-1')  # offline now: the cache alone
   assert model2 == model and _same_params(params2, params)
-  assert checkpoint.resolve('tiny-1').meta['sha256'] == sha
+  assert loading.resolve('tiny-1').meta['sha256'] == sha
   (tmp_path / 'tiny-1').mkdir()  # an existing path of that name wins over the published name
-  with pytest.raises(checkpoint.CheckpointError, match='holds no model dir'):
-    checkpoint.load(str(tmp_path / 'tiny-1'))
+  with pytest.raises(model_dir.CheckpointError, match='holds no model dir'):
+    loading.load(str(tmp_path / 'tiny-1'))
 
 
 def test_truncated_download_keeps_nothing_and_a_retry_works(tiny_release, tmp_path):
@@ -209,7 +209,7 @@ def test_published_name_end_to_end(server, tmp_path, monkeypatch):
   monkeypatch.setenv('HVT_JAX_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('HVT_JAX_WEIGHTS_URL', server.url)
   out = weights.fetch('hvt-ti-1')
-  assert checkpoint.resolve(out).meta['model'] == model_lib.variant('hvt-ti-1')
+  assert loading.resolve(out).meta['model'] == model_lib.variant('hvt-ti-1')
   server.stop()
   from PIL import Image
   Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / 'black.png')

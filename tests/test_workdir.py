@@ -6,6 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from hvt_jax import loading
 from hvt_jax.training import checkpoint, safety
 from tests.helpers import run_main
 
@@ -80,7 +81,7 @@ def test_disk_full_while_saving_stops_in_one_line_and_keeps_the_last_checkpoint(
                     'the last complete checkpoint, step 4, is intact; a rerun of the same command '
                     'resumes from it. Free some space (or fix the disk) first.'), last
     assert checkpoint.manager(str(disk / 'run'), read_only=True).all_steps() == [4]
-    _, params = checkpoint.load(str(disk / 'run'), sharding='cpu')
+    _, params = loading.load(str(disk / 'run'), sharding='cpu')
     assert all(np.isfinite(np.asarray(p)).all() for p in params['head'].values())
     subprocess.run(['mount', '-o', 'remount,size=16m', str(disk)], check=True)
     resumed = run_main(disk / 'run', '--config.max_steps=12')

@@ -18,11 +18,11 @@ from absl import flags
 import numpy as np
 import tqdm
 
-from hvt_jax.data import input_spec
-from hvt_jax.training import checkpoint
-from hvt_jax.interop import pth_reader
 from hvt_jax import model as model_lib
+from hvt_jax import model_dir
+from hvt_jax.data import input_spec
 from hvt_jax.errors import UserError
+from hvt_jax.interop import pth_reader
 
 
 class ConvertError(UserError):
@@ -169,8 +169,8 @@ def convert(pytorch_path: str, output: str, key: str | None = None, progress: bo
 def save(output: str, model: model_lib.HVT, params, **meta) -> str:
   """A model dir for official weights; `meta` goes into model.json (`source`, ...)."""
   # The official models were evaluated with the recipe's ImageNet transform.
-  return checkpoint.save_model(output, model, params, preprocess=input_spec.eval_transform(),
-                               **meta)
+  return model_dir.save_model(output, model, params, preprocess=input_spec.eval_transform(),
+                              **meta)
 
 
 FLAGS = flags.FLAGS
@@ -187,7 +187,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   out = convert(FLAGS.pytorch, FLAGS.output, FLAGS.key, progress=True)
-  model, params = checkpoint.load(out, sharding='cpu')
+  model, params = model_dir.restore(model_dir.read(out), sharding='cpu')
   print(f'wrote {out}: {model_lib.param_count(params):,} parameters, '
         f'tokens per block {model.tokens_per_block()}')
 

@@ -31,10 +31,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from hvt_jax import loading, model_dir
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax.interop import convert, pth_writer
-from hvt_jax.training import checkpoint
 
 FORMATS = ('orbax', 'stablehlo', 'savedmodel', 'pytorch')
 # The exported programs run on any of these (XLA lowers each ahead of time, without the device).
@@ -71,15 +71,15 @@ def _export(source, output, fmt, *, ema, best, step):
     raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}.')
   output = os.path.abspath(output)
   _refuse_existing(output, is_file=fmt == 'pytorch')
-  saved = checkpoint.resolve(source, step=step, best=best, ema=ema)
-  model, params = checkpoint.restore(saved, sharding='cpu')
+  saved = loading.resolve(source, step=step, best=best, ema=ema)
+  model, params = model_dir.restore(saved, sharding='cpu')
   if saved.step is not None:
     which = f'{"EMA" if ema else "raw"} weights of step {saved.step} of {os.path.abspath(source)}'
   else:
     which = f'{source} ({saved.meta.get("source", "a model dir")})'
   # Kept: the eval transform, class names, provenance of published weights.
   extra = {k: v for k, v in saved.meta.items() if k not in ('model', 'source')}
-  write = {'orbax': checkpoint.save_model, 'stablehlo': write_stablehlo,
+  write = {'orbax': model_dir.save_model, 'stablehlo': write_stablehlo,
            'savedmodel': write_savedmodel, 'pytorch': write_pytorch}[fmt]
   return write(output, model, params, **extra, source=f'exported {which}'), model, params
 
@@ -119,10 +119,10 @@ def write_stablehlo(output: str, model: model_lib.HVT, params, **meta) -> str:
     os.makedirs(tmp)
     with open(os.path.join(tmp, 'model.stablehlo'), 'wb') as f:
       f.write(exported.serialize())
-    checkpoint.write_json(os.path.join(tmp, 'model.json'),
+    model_dir.write_json(os.path.join(tmp, 'model.json'),
                 _description(model, 'stablehlo', **meta, platforms=list(exported.platforms)))
 
-  return checkpoint.write_dir(output, fill)
+  return model_dir.write_dir(output, fill)
 
 
 @contextlib.contextmanager
@@ -174,11 +174,11 @@ def write_savedmodel(output: str, model: model_lib.HVT, params, **meta) -> str:
     finally:
       logging.set_verbosity(verbosity)
     os.makedirs(os.path.join(tmp, 'assets.extra'), exist_ok=True)
-    checkpoint.write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
+    model_dir.write_json(os.path.join(tmp, 'assets.extra', 'model.json'),
                 _description(model, 'savedmodel', **meta, platforms=list(PLATFORMS)))
 
   with _without_shape_assertions():  # jax2tf lowers the model when the save traces `serve`
-    return checkpoint.write_dir(output, fill)
+    return model_dir.write_dir(output, fill)
 
 
 def write_pytorch(output: str, model: model_lib.HVT, params, **meta) -> str:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from hvt_jax import loading, model_dir
 from hvt_jax.data import input_spec, preprocess
-from hvt_jax.training import checkpoint
 from hvt_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -70,8 +70,8 @@ def load_image(path: str, size: int, settings: dict) -> np.ndarray:
 def predict(model_path: str, paths: list[str], *, ema: bool = False, top: int = 5, batch: int = 32,
             image_size: int | None = None):
   """Yields (path, [(class name, probability), ...]) or (path, error message) per file."""
-  saved = checkpoint.resolve(model_path, ema=ema)
-  model, params = checkpoint.restore(saved, image_size=image_size)
+  saved = loading.resolve(model_path, ema=ema)
+  model, params = model_dir.restore(saved, image_size=image_size)
   meta = saved.meta
   settings = meta.get('preprocess') or input_spec.eval_transform()
   names = class_names(meta, model.num_classes)

@@ -3,7 +3,7 @@
   model, params = hvt_jax.load('hvt-s-1')
   python -m hvt_jax.predict --model=hvt-s-1 cat.jpg
 
-Every reader of model paths (`checkpoint.resolve`, behind `hvt_jax.load`,
+Every reader of model paths (`loading.resolve`, behind `hvt_jax.load`,
 `--config.init_from`, predict and export) passes the path through
 `local_path`: a published name that is not an existing path becomes the cached
 model dir. The cache (`$HVT_JAX_CACHE`, default `~/.cache/hvt_jax`) holds
@@ -16,7 +16,8 @@ A download goes to a temporary file in the same folder and is kept only once it
 is complete, its sha256 agrees with any earlier download of the same file, and
 it converts to a model with the published parameter count. A cached file that
 changes afterwards is reported, never silently used. `$HVT_JAX_WEIGHTS_URL`
-replaces the release's URL prefix (a mirror holding `v1.0/...` and `v1.1/...`).
+replaces the release's URL prefix (a mirror holding `v1.0/...` and `v1.1/...`). The names, files
+and scores are the table in `hvt_jax/published.py`.
 """
 from __future__ import annotations
 
@@ -26,32 +27,16 @@ import json
 import os
 import sys
 import tempfile
-from typing import NamedTuple
 import urllib.error
 import urllib.request
 
+import tqdm
+
+from hvt_jax import model as model_lib
+from hvt_jax import model_dir
 from hvt_jax.errors import UserError
-
-RELEASE_URL = 'https://github.com/zhuang-group/HVT/releases/download'
-
-
-class Published(NamedTuple):
-  file: str  # path under the release URL
-  params: int  # parameter count of the published model
-  top1: float  # the release's ImageNet val accuracy (%)
-  top5: float
-
-
-# hvt-s-4 is the file the release calls "Scale HVT-Ti-4": 6 heads (384 wide) with pooling every
-# 3 blocks, i.e. exactly the HVT-S-4 shapes, hence its name here (HVT-Ti-4 would be 192 wide).
-PUBLISHED: dict[str, Published] = {
-    'hvt-ti-1': Published('v1.0/hvt_ti_1.pth', 5_735_656, 69.64, 89.40),
-    'hvt-s-0': Published('v1.0/hvt_s_0.pth', 22_049_896, 80.39, 95.13),
-    'hvt-s-1': Published('v1.1/hvt_s_1.pth', 22_087_144, 78.00, 93.83),
-    'hvt-s-2': Published('v1.0/hvt_s_2.pth', 22_105_576, 77.36, 93.55),
-    'hvt-s-3': Published('v1.0/hvt_s_3.pth', 22_114_408, 76.32, 92.90),
-    'hvt-s-4': Published('v1.0/scale_hvt_ti_4.pth', 22_118_632, 75.23, 92.30),
-}
+from hvt_jax.interop import convert
+from hvt_jax.published import PUBLISHED, RELEASE_URL
 
 _CHUNK = 1 << 20
 
@@ -89,9 +74,8 @@ def local_path(path):
 
 def fetch(name: str) -> str:
   """The cached model dir of a published model; downloads and converts it on first use."""
-  from hvt_jax.training import checkpoint  # which imports this module
   pth, out = download_path(name), model_path(name)
-  if checkpoint.is_model_dir(out):
+  if model_dir.is_model_dir(out):
     _check_unchanged(name, pth, out)
     return out
   if os.path.exists(pth):  # an earlier download whose conversion did not finish, or put by hand
@@ -112,7 +96,6 @@ def fetch(name: str) -> str:
 
 def _download(name: str, f) -> str:
   """Streams the release's file into `f` with a progress bar; returns its sha256."""
-  import tqdm  # only a download needs it; checkpoint imports this module everywhere
   source = url(name)
   where = f'put the file at {download_path(name)} by hand and run again'
   digest, got, total = hashlib.sha256(), 0, None
@@ -142,9 +125,6 @@ def _download(name: str, f) -> str:
 
 def _convert(name: str, pth: str, sha: str, *, source: str, keep_as: str | None = None) -> None:
   """Checks the file against the release and writes the model dir; `keep_as` keeps a download."""
-  from hvt_jax import model as model_lib
-  from hvt_jax.interop import convert  # the converter writes model dirs via checkpoint, which imports us
-  from hvt_jax.training import checkpoint
   published = PUBLISHED[name]
   shown = keep_as or pth
   record = _read_record(shown)
@@ -169,18 +149,17 @@ def _convert(name: str, pth: str, sha: str, *, source: str, keep_as: str | None 
   try:
     convert.save(model_path(name), model, params, source=source, sha256=sha, published_name=name,
                  published_accuracy=dict(top1=published.top1, top5=published.top5))
-  except checkpoint.CheckpointError:
-    if not checkpoint.is_model_dir(model_path(name)):
+  except model_dir.CheckpointError:
+    if not model_dir.is_model_dir(model_path(name)):
       raise  # else another process converted the same file meanwhile
 
 
 def _check_unchanged(name: str, pth: str, out: str) -> None:
   """A damaged model dir, or a cached file that no longer matches the model converted from it,
   is an error."""
-  from hvt_jax.training import checkpoint  # which imports this module
   try:
-    converted = checkpoint.resolve(out).meta.get('sha256')
-  except checkpoint.CheckpointError as e:
+    converted = model_dir.read(out).meta.get('sha256')
+  except model_dir.CheckpointError as e:
     source = 'the downloaded file' if os.path.exists(pth) else url(name)
     raise WeightsError(f'the cached model is damaged ({e}); remove {out} and it is converted '
                        f'again from {source}.') from None

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hvt_jax import console, defaults, sharding
-from hvt_jax.training import checkpoint, curves, optim, peers, safety, train_step
+from hvt_jax import console, defaults, loading, sharding
+from hvt_jax.training import checkpoint, curves, peers, safety, train_step
 from hvt_jax.data import datasets, input_pipeline, input_spec
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -105,7 +105,7 @@ def _start_from(state, init_from: str, shardings, image_size: int | None = None)
   left freshly initialized; any other mismatch is an error."""
   # Loaded replicated: a resampled embedding's layout follows its new shape, set at the end.
   whole = jax.sharding.NamedSharding(jax.tree.leaves(shardings.params)[0].mesh, jax.P())
-  _, params = checkpoint.load(init_from, sharding=whole, image_size=image_size)
+  _, params = loading.load(init_from, sharding=whole, image_size=image_size)
   new = dict(train_step.per_block(state.params))
   for name, value in params.items():
     target = new.get(name)
@@ -171,14 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
 
-  schedule = optim.lr_schedule(config.optim, config.batch_size, config.num_epochs, steps_per_epoch)
-  tx = optim.make(config.optim, schedule)
-  # A resumed run replaces this fresh state with the checkpoint's (after seconds of init).
-  # The steps' model: its 'auto' settings decided for the mesh's devices; the saved one keeps them.
-  step_model = model_lib.HVT(**model_lib.resolve_settings(config.model, mesh.devices))
-  state, shardings = train_step.create_state(step_model, tx, jax.random.key(config.seed),
-                                             ema=config.ema_decay > 0, mesh=mesh)
-  p_train, p_eval = train_step.jit_steps(step_model, tx, schedule, config, shardings, mesh)
+  # The steps' model has its 'auto' settings decided for the mesh's devices; the saved one
+  # keeps them. A resumed run replaces this fresh state with the checkpoint's.
+  program = train_step.build(config, mesh, steps_per_epoch)
+  shardings, p_train, p_eval = program.shardings, program.train_step, program.eval_step
+  state, _ = train_step.create_state(program.model, program.tx, jax.random.key(config.seed),
+                                     ema=config.ema_decay > 0, mesh=mesh)
   run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
             model_meta(config, model, dataset), dataset, p_train, p_eval)
