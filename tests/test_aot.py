@@ -130,6 +130,22 @@ def test_largest_batch_search(a, b, start, unit):
   assert len(seen) <= 8
 
 
+def test_largest_batch_search_ends_when_memory_is_not_linear():
+  """What HVT-S-1 on a v4-8 does: near the limit the compiler trades FLOPs for memory (the
+  need stays flat), then refuses with a far larger figure. The search still closes, trying
+  no batch twice (it once repeated 10416 forever, the bracket [10416, 11068) at 4 images)."""
+  seen = []
+
+  def probe(batch):
+    seen.append(batch)
+    need = 0.2 + 0.00283 * batch if batch <= 9800 else (29.04 if batch <= 10500 else 332.0)
+    return {'batch': batch, 'fits': need <= 30.75, 'total_gib': need}
+  rows = aot.search_batch(probe, start=2048, unit=4, hbm=32)
+  best = max(r['batch'] for r in rows if r['fits'])
+  assert 10500 * 15 / 16 <= best <= 10500
+  assert len(seen) == len(set(seen)) and len(seen) <= 12
+
+
 def test_largest_batch_search_when_nothing_fits():
   probe, seen = _linear(20, 0.001, 15.5)
   rows = aot.search_batch(probe, start=1024, unit=8, hbm=16)

@@ -28,7 +28,8 @@ def _run_blocked(code: str) -> subprocess.CompletedProcess:
 
 def test_model_and_train_step_import_without_tensorflow_or_ml_collections():
   mods = ['hvt_jax', 'hvt_jax.model', 'hvt_jax.training.train_step', 'hvt_jax.training.optim',
-          'hvt_jax.sharding', 'hvt_jax.data.mixup', 'hvt_jax.training.checkpoint']
+          'hvt_jax.sharding', 'hvt_jax.data.mixup', 'hvt_jax.training.checkpoint',
+          'hvt_jax.loading', 'hvt_jax.model_dir']
   code = ''.join(f'import {m}; ' for m in mods)
   code += f'bad = sorted(m for m in {_ABSENT!r} if sys.modules.get(m) is not None); print(bad)'
   out = _run_blocked(code)

@@ -205,7 +205,9 @@ def search_batch(probe, *, start: int, unit: int, hbm: float) -> list[dict[str, 
   From `start` it goes up until a batch does not fit, then narrows the bracket. A step's memory
   grows almost linearly with its batch, so a probe goes where the line through known points
   meets `hbm` (beyond the last fit at most 8 times further; a bracket wider than 4x is halved on
-  a log scale instead), and at least 1/16 inside the bracket's ends, so that it closes.
+  a log scale instead), and at least 1/16 inside the bracket's ends, so that it closes. Near
+  its limit the compiler may trade FLOPs for memory, so the need is not linear there: after
+  two fits in a row inside the bracket the line is not trusted and the bracket is halved.
   """
   rows: list[dict[str, Any]] = []
   low, high = 0, None  # the largest batch that fit, the smallest that did not
@@ -223,7 +225,8 @@ def search_batch(probe, *, start: int, unit: int, hbm: float) -> list[dict[str, 
       guess = 2 * low
     elif low and high > 4 * low:
       guess = int((low * high) ** 0.5)
-    elif low and total(high) is not None and total(high) > total(low):
+    elif (low and total(high) is not None and total(high) > total(low)
+          and not all(r['fits'] for r in rows[-2:])):
       guess = int(low + (hbm - total(low)) * (high - low) / (total(high) - total(low)))
     else:
       guess = (low + high) // 2
@@ -244,6 +247,10 @@ def search_batch(probe, *, start: int, unit: int, hbm: float) -> list[dict[str, 
     if high is not None and high - low <= max(unit, low // 16):
       return rows
     batch = next_batch()
+    # Rounding to `unit` can land on a batch already tried when the bracket is barely wider
+    # than its tolerance: it is as closed as the units allow.
+    if any(r['batch'] == batch for r in rows):
+      return rows
 
 
 def _memory_words(row: dict) -> str:

@@ -277,11 +277,24 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         micro_sharding=micro,
                         augment_rounds=augment_rounds(config.batch_size, mesh.size)),
-      in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0)
+      in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0,
+      compiler_options=_train_compiler_options(mesh))
   evaluate = jax.jit(functools.partial(eval_step, model=model, mean=tuple(config.eval.mean),
                                        std=tuple(config.eval.std)),
                      in_shardings=(shardings.params, batch), out_shardings=replicated)
   return train, evaluate
+
+
+# The TPU compiler moves large gathers to the SparseCores of the chips that have them (v5p,
+# v6e). In the libtpu that jax 0.12.0.1 pins (0.0.50), doing so for RandAugment's lookups in
+# the augmentation's rounds fails with an internal RET_CHECK at the recipe's batch 1024 on
+# v5p-8 and v6e-8; the TensorCores run those small gathers instead (docs/performance.md).
+_TPU_TRAIN_OPTIONS = {'xla_tpu_offload_gather_to_sparsecore': False,
+                      'xla_tpu_offload_all_supported_gathers_to_sparsecore': False}
+
+
+def _train_compiler_options(mesh) -> dict[str, Any] | None:
+  return _TPU_TRAIN_OPTIONS if mesh.devices.flat[0].platform == 'tpu' else None
 
 
 class Program(NamedTuple):
