@@ -4,8 +4,7 @@ XLA:CPU allocates a train step's temporary buffers as one block per execution, o
 HVT-S-0 at batch 16. glibc serves a block that large with a fresh `mmap` and unmaps it when the
 step ends, so every step faults its pages in again, 4 KiB at a time. With glibc's
 `glibc.malloc.hugetlb=1` tunable, large blocks are mapped with transparent huge pages (2 MiB):
-the faults all but vanish and the step is 10-15% faster on the 2-core CPU of docs/performance.md's
-section, which gives the measured figures.
+the faults all but vanish and the step gets faster (docs/performance.md has the figures).
 
 glibc reads its tunables once, when a process starts, so `python -m hvt_jax.main` (and
 `benchmarks/model_speed.py`) restart themselves once with it set. A user's own GLIBC_TUNABLES,
