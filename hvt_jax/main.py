@@ -87,7 +87,7 @@ def main(argv):
               f'({jax.devices()[0].platform}).')
   try:
     loop.train_and_evaluate(config, FLAGS.workdir)
-  except jax.errors.JaxRuntimeError as e:
+  except Exception as e:  # a collective's JaxRuntimeError, or Orbax's error from a barrier
     if jax.process_count() > 1 and peers.lost_peer(e):
       peers.await_verdict(FLAGS.heartbeat_timeout)  # the supervisor's line names the dead one
     raise

@@ -112,6 +112,19 @@ def test_native_lines_that_end_in_no_abort_are_shown_in_order_once_quiet():
   assert relay.report is None and relay.close() == b''
 
 
+@pytest.mark.parametrize('message, lost', [
+    ('INTERNAL: Gloo AllReduce failed: [gloo/transport/tcp/pair.cc:534] Connection closed by peer', True),
+    ('DEADLINE_EXCEEDED: Barrier timed out. Id: save_step_8', True),
+    ('UNAVAILABLE: failed to connect to all addresses', True),
+    ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.2GiB', False),
+    ('a disk that fills: [Errno 28] No space left on device', False),
+])
+def test_which_errors_wait_for_the_dead_peer_line(message, lost):
+  """Where the survivor was when its peer died decides the error it sees first; each such error
+  waits for the coordination service's verdict, other errors are raised at once."""
+  assert peers.lost_peer(RuntimeError(message)) is lost
+
+
 def test_the_line_names_the_dead_process_the_step_and_the_checkpoint(tmp_path):
   progress = {'workdir': str(tmp_path), 'process': 0, 'processes': 2, 'step': 13}
   assert peers.dead_peer_line(SURVIVOR_OF_1, progress, 12) == (

@@ -249,7 +249,12 @@ def dead_peer_line(report: str, progress: dict, latest: int | None) -> str:
 
 
 # The messages of collectives whose peer process is gone (gloo over TCP on CPU).
-_PEER_LOST = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe')
+# How a step, a barrier or a save fails when another process is gone: gloo's socket errors,
+# and the coordination service's when a barrier or key-value wait runs out (Orbax saves wait
+# on those). Which one a survivor sees depends on where it was when its peer died.
+_PEER_LOST = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
+              'Connection refused', 'Gloo', 'gloo', 'coordination service', 'DEADLINE_EXCEEDED',
+              'UNAVAILABLE', 'Barrier', 'barrier')
 
 
 def lost_peer(error: BaseException) -> bool:
