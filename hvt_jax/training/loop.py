@@ -175,8 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   # keeps them. A resumed run replaces this fresh state with the checkpoint's.
   program = train_step.build(config, mesh, steps_per_epoch)
   shardings, p_train, p_eval = program.shardings, program.train_step, program.eval_step
-  state, _ = train_step.create_state(program.model, program.tx, jax.random.key(config.seed),
-                                     ema=config.ema_decay > 0, mesh=mesh)
+  # The layout `build` computed: a fresh state is computed straight into it.
+  state = train_step.place_state(program.model, program.tx, jax.random.key(config.seed),
+                                 ema=config.ema_decay > 0, shardings=shardings)
   run = Run(config, workdir, mesh, steps_per_epoch, total_steps,
             config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch,
             model_meta(config, model, dataset), dataset, p_train, p_eval)

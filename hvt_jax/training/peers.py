@@ -248,7 +248,6 @@ def dead_peer_line(report: str, progress: dict, latest: int | None) -> str:
           f'last complete checkpoint, step {latest} ({where}).')
 
 
-# The messages of collectives whose peer process is gone (gloo over TCP on CPU).
 # How a step, a barrier or a save fails when another process is gone: gloo's socket errors,
 # and the coordination service's when a barrier or key-value wait runs out (Orbax saves wait
 # on those). Which one a survivor sees depends on where it was when its peer died.

@@ -86,8 +86,13 @@ def abstract_state(model, tx, *, ema: bool, mesh) -> tuple[TrainState, Any]:
 def create_state(model, tx, rng, *, ema: bool, mesh) -> tuple[TrainState, Any]:
   """A fresh state laid out on the mesh, and its shardings (for the steps and checkpoints)."""
   _, shardings = abstract_state(model, tx, ema=ema, mesh=mesh)
+  return place_state(model, tx, rng, ema=ema, shardings=shardings), shardings
+
+
+def place_state(model, tx, rng, *, ema: bool, shardings) -> TrainState:
+  """A fresh state computed straight into `shardings` (from `abstract_state` or `build`)."""
   make = functools.partial(init_state, model, tx, ema=ema)
-  return jax.jit(make, out_shardings=shardings)(rng), shardings
+  return jax.jit(make, out_shardings=shardings)(rng)
 
 
 def check_accum(batch_size: int, accum_steps: int, num_devices: int) -> int:
