@@ -4,10 +4,14 @@ adds to the train step: XLA's FLOP count and the step time, with and without it.
   python benchmarks/augment_cost.py                        # HVT-S-1, batch 16, paper recipe
   python benchmarks/augment_cost.py --batch=64 --steps=5   # on an accelerator
   python benchmarks/augment_cost.py --steps=0              # FLOPs only
+  python benchmarks/augment_cost.py --canvas=512           # with the crop's resize, as on a GPU
 
 Both steps are the real train step (`train_step.jit_steps`: mixup/cutmix, AdamW, EMA) on uint8
 batches. "With" is the paper recipe (`--randaugment`, `--random_erase`, flip); "without" turns
 flip, RandAugment and erasing off, so what is left of the augmentation is the normalization.
+With `--canvas=C` the "with" side also resizes each example's window from a C x C canvas to
+S x S first (`device_resize`, what the step does on a GPU or TPU), and the "without" side takes
+S x S images as a host that resizes gives them.
 Steps are timed interleaved (`--repeats` rounds of `--steps` steps each, after warm-up), and the
 medians are compared. FLOPs come from XLA's cost analysis of the step with every block unrolled
 (a loop body counts once), and of `augment.train_images` alone, per image.
@@ -30,7 +34,7 @@ from hvt_jax import defaults  # noqa: E402
 from hvt_jax import model as model_lib  # noqa: E402
 from hvt_jax.data import augment  # noqa: E402
 from hvt_jax import sharding  # noqa: E402
-from hvt_jax.training import train_step  # noqa: E402
+from hvt_jax.training import host_memory, train_step  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'hvt-s-1', 'model variant')
@@ -40,6 +44,8 @@ flags.DEFINE_integer('repeats', 3, 'interleaved rounds; medians are compared')
 flags.DEFINE_string('dtype', None, 'compute dtype; default bfloat16 on accelerators, float32 on CPU')
 flags.DEFINE_string('randaugment', 'rand-m9-mstd0.5-inc1', 'the "with" side\'s RandAugment spec')
 flags.DEFINE_float('random_erase', 0.25, 'the "with" side\'s erasing probability')
+flags.DEFINE_integer('canvas', 0, 'the "with" side resizes windows from canvases of this side '
+                     '(aug.window_canvas); 0: no resize')
 
 
 def _config(augmented: bool, dtype: str):
@@ -60,7 +66,8 @@ class Side:
     self.config = config = _config(augmented, dtype)
     model, tx, schedule = timing.train_parts(config)
     spec = sharding.batch_sharding(mesh)
-    abstract = timing.abstract_batch(FLAGS.batch, model.image_size, spec)
+    self.canvas = canvas = FLAGS.canvas if augmented else 0
+    abstract = timing.abstract_batch(FLAGS.batch, model.image_size, spec, canvas)
     self.flops = float(timing.unrolled_train_flops(model, tx, schedule, config, mesh, abstract)
                        or float('nan'))
     self.train = None
@@ -69,7 +76,8 @@ class Side:
                                                       mesh=mesh)
       p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
       self.train = p_train.lower(self.state, abstract).compile()
-      self.batch = timing.random_batch(FLAGS.batch, model.image_size, model.num_classes, spec)
+      self.batch = timing.random_batch(FLAGS.batch, model.image_size, model.num_classes, spec,
+                                       canvas=canvas)
       self.step = 0
 
   def seconds_per_step(self, steps: int) -> tuple[float, float]:
@@ -84,14 +92,19 @@ class Side:
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def augment_flops_per_image(config) -> float:
-  """XLA's FLOPs of `augment.train_images` alone, per image, at the model's image size."""
+def augment_flops_per_image(config, canvas: int) -> float:
+  """XLA's FLOPs of `augment.train_images` alone, per image, at the model's image size (from
+  `canvas`-sided windows, if given)."""
   size = config.model.image_size
-  fn = jax.jit(lambda x, ids: augment.train_images(
-      x, ids, seed=0, aug=config.aug, mean=config.eval.mean, std=config.eval.std))
-  lowered = fn.lower(jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), np.uint8),
-                     jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32))
-  return timing.xla_cost(lowered).get('flops', float('nan')) / FLAGS.batch
+  fn = jax.jit(lambda x, ids, *hw: augment.train_images(
+      x, ids, *hw, seed=0, aug=config.aug, mean=config.eval.mean, std=config.eval.std,
+      size=size))
+  side = canvas or size
+  args = [jax.ShapeDtypeStruct((FLAGS.batch, side, side, 3), np.uint8),
+          jax.ShapeDtypeStruct((FLAGS.batch, 3), np.int32)]
+  if canvas:
+    args.append(jax.ShapeDtypeStruct((FLAGS.batch, 2), np.int32))
+  return timing.xla_cost(fn.lower(*args)).get('flops', float('nan')) / FLAGS.batch
 
 
 def main(argv):
@@ -101,9 +114,10 @@ def main(argv):
   mesh = sharding.make_mesh(defaults.train_config().mesh)
   sides = {'with': Side(True, dtype, mesh), 'without': Side(False, dtype, mesh)}
   print(f'{FLAGS.model}, batch {FLAGS.batch}, {dtype}, {device.device_kind} x{mesh.size}; '
-        f'with: flip, {FLAGS.randaugment}, random_erase {FLAGS.random_erase}')
+        f'with: flip, {FLAGS.randaugment}, random_erase {FLAGS.random_erase}'
+        + (f', resized from {FLAGS.canvas}x{FLAGS.canvas} canvases' if FLAGS.canvas else ''))
   flops = {k: s.flops for k, s in sides.items()}
-  aug_flops = augment_flops_per_image(sides['with'].config)
+  aug_flops = augment_flops_per_image(sides['with'].config, FLAGS.canvas)
   print(f'train step FLOPs (XLA, unrolled): with {flops["with"] / 1e9:.2f} G, without '
         f'{flops["without"] / 1e9:.2f} G: +{100 * (flops["with"] / flops["without"] - 1):.2f}%')
   print(f'augmentation alone (train_images): {aug_flops / 1e6:.1f} MFLOP per image, '
@@ -128,4 +142,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.relaunch_with_huge_pages()  # as training does (hvt_jax/training/host_memory.py)
   app.run(main)

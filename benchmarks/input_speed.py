@@ -5,25 +5,28 @@
   python benchmarks/input_speed.py --dataset=imagenet2012 --data_dir=/data/tfds
   python benchmarks/input_speed.py --threads=4 --recipe=plain
   python benchmarks/input_speed.py --synthetic --breakdown  # where the train milliseconds go
+  python benchmarks/input_speed.py --synthetic --resize_on=host  # the resize on the host too
 
 It times the real tf.data pipelines of `input_pipeline` (read, shuffle, decode-and-crop, resize,
 skip-and-fill, batch) up to host numpy uint8 batches; device transfer and the augmentation the
-train step does on the device are left out. The number of tf.data threads is fixed
-(`--threads`, default: every core), so the per-thread figure tells how many cores a given
-accelerator throughput needs. CPU time (every thread of this process) per image is the figure
-that stays meaningful on a busy or shared machine.
+train step does on the device are left out. `--resize_on=device` (the default, what training
+on a GPU or TPU does): the host decodes each window into a canvas and the device resizes it;
+`host`: the host resizes to S x S too, as training on a CPU backend does. The number of
+tf.data threads is fixed (`--threads`, default: every core), so the per-thread figure tells
+how many cores a given accelerator throughput needs. CPU time (every thread of this process)
+per image is the figure that stays meaningful on a busy or shared machine.
 
 `--breakdown` times the train stream cut after each piece, one tf.data thread: the record stream
 alone (read, shuffle, number), + decode-and-crop of the window, + the resize to S x S, and the
 whole pipeline; the differences are each piece's cost, the rest is tf.data's (skipping and
-filling undecodable records, batching).
+filling undecodable records, batching, and with the resize on the device the padding into
+canvases and the host resize of windows larger than the canvas).
 
 hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~110 KB JPEGs:
 `--synthetic` encodes photo-like 500x375 JPEGs of about that size in memory instead.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -32,7 +35,8 @@ import tensorflow as tf
 from absl import app, flags
 
 from hvt_jax import defaults
-from hvt_jax.data import datasets, input_pipeline, preprocess, sources
+from hvt_jax.data import augment, datasets, input_pipeline, preprocess, sources
+from hvt_jax.training import host_memory
 from synthetic_images import synthetic_jpegs  # beside this file
 
 FLAGS = flags.FLAGS
@@ -48,6 +52,8 @@ flags.DEFINE_enum('recipe', 'paper', ['paper', 'plain'], 'paper: the defaults (r
                   'crop + flip only')
 flags.DEFINE_bool('breakdown', False, 'time the train pipeline piece by piece (one thread)')
 flags.DEFINE_integer('warmup', 3, 'untimed batches first (tracing, buffer filling)')
+flags.DEFINE_enum('resize_on', 'device', ['device', 'host'], 'where the train crop is resized to '
+                  'S x S (config.aug.resize_on); device: the host pads windows into a canvas')
 
 
 def config_for_run():
@@ -56,7 +62,13 @@ def config_for_run():
   config.data.update(name=FLAGS.dataset, data_dir=FLAGS.data_dir, threads=FLAGS.threads,
                      shuffle_buffer=1024)
   config.model.image_size = FLAGS.image_size
+  config.aug.resize_on = FLAGS.resize_on
   return config
+
+
+def canvas_of(config) -> int:
+  """The canvas the train batches pad windows into (0: resized on the host), as on a GPU."""
+  return augment.window_canvas(config.aug, config.model.image_size, 'gpu')
 
 
 def images_per_sec(dataset, batch: int) -> tuple[float, float]:
@@ -79,7 +91,6 @@ def breakdown(source, config) -> None:
   """CPU ms per image of the train stream cut after each piece, on one tf.data thread."""
   size = config.model.image_size
   aug = config.aug
-  n = source.num_examples
   repeats = max(1, int(aug.repeated_aug))
   # The pipeline's own pieces, as train_dataset puts them together (private on purpose).
   epoch_records = input_pipeline._epoch_records(  # pylint: disable=protected-access
@@ -90,10 +101,7 @@ def breakdown(source, config) -> None:
   def window(epoch, position, record):
     # pylint: disable-next=protected-access
     key = input_pipeline._key(config.seed, 0, epoch, input_pipeline._AUGMENT, position)
-    seed = tf.random.experimental.stateless_split(key, 4)[0]
-    fn = functools.partial(preprocess.crop_window, seed=seed, scale=tuple(aug.crop_scale),
-                           ratio=tuple(aug.crop_ratio))
-    return preprocess._decode_cropped(record['image'], fn)  # pylint: disable=protected-access
+    return preprocess._random_window(record['image'], key, aug)  # pylint: disable=protected-access
 
   pieces = {
       'record stream (read, shuffle, number)': lambda e, p, r: tf.strings.length(r['image']),
@@ -105,11 +113,13 @@ def breakdown(source, config) -> None:
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   # Mapped as the pipeline maps (parallel calls on the private pool, in order).
+  if canvas_of(config):
+    del pieces['+ resize']
   timed = {name: records.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
            .batch(FLAGS.batch).with_options(options) for name, fn in pieces.items()}
   config.data.threads = 1
   timed['whole train pipeline'] = input_pipeline.train_dataset(
-      source, config, process_index=0, local_batch=FLAGS.batch)
+      source, config, process_index=0, local_batch=FLAGS.batch, canvas=canvas_of(config))
   previous = 0.0
   print(f'train pipeline piece by piece, 1 tf.data thread, {size}x{size}:')
   for name, ds in timed.items():
@@ -140,14 +150,16 @@ def main(argv):
     breakdown(train_source, config)
     return
   train = input_pipeline.train_dataset(train_source, config, process_index=0,
-                                       local_batch=FLAGS.batch)
+                                       local_batch=FLAGS.batch, canvas=canvas_of(config))
   # Eval: endless passes, so the measurement can outlast a small split.
   evals = input_pipeline.eval_dataset(eval_source, config, local_batch=FLAGS.batch).unbatch()
   evals = evals.repeat().batch(FLAGS.batch).prefetch(2)
 
   threads = FLAGS.threads
   print(f'data: {what}')
-  print(f'output uint8 {FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch}, recipe '
+  canvas = canvas_of(config)
+  shape = f'{canvas}x{canvas} canvases' if canvas else f'{FLAGS.image_size}x{FLAGS.image_size}'
+  print(f'output uint8 {shape}, batch {FLAGS.batch}, recipe '
         f'{FLAGS.recipe} (repeated_aug={config.aug.repeated_aug}; flip, RandAugment, erasing '
         f'and normalization run on the device), tf.data threads: {threads} of {os.cpu_count()} '
         'CPU cores')
@@ -158,4 +170,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.relaunch_with_huge_pages()  # as training does (hvt_jax/training/host_memory.py)
   app.run(main)

@@ -23,21 +23,31 @@ def default_dtype(device) -> str:
   return 'float32' if device.platform == 'cpu' else 'bfloat16'
 
 
-def abstract_batch(batch: int, size: int, spec) -> dict:
-  """The train step's input, as the host pipeline feeds it: uint8 images, labels, example ids."""
-  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8, sharding=spec),
-          'label': jax.ShapeDtypeStruct((batch,), np.int32, sharding=spec),
-          'example_id': jax.ShapeDtypeStruct((batch, 3), np.int32, sharding=spec)}
+def abstract_batch(batch: int, size: int, spec, canvas: int = 0) -> dict:
+  """The train step's input, as the host pipeline feeds it: uint8 images, labels, example ids;
+  with a `canvas`, (canvas, canvas) images holding windows to resize and their 'window' sizes."""
+  side = canvas or size
+  out = {'image': jax.ShapeDtypeStruct((batch, side, side, 3), np.uint8, sharding=spec),
+         'label': jax.ShapeDtypeStruct((batch,), np.int32, sharding=spec),
+         'example_id': jax.ShapeDtypeStruct((batch, 3), np.int32, sharding=spec)}
+  if canvas:
+    out['window'] = jax.ShapeDtypeStruct((batch, 2), np.int32, sharding=spec)
+  return out
 
 
-def random_batch(batch: int, size: int, num_classes: int, spec, seed: int = 0) -> dict:
-  """A concrete batch of `abstract_batch`'s shapes on the devices: process 0, epoch 0."""
+def random_batch(batch: int, size: int, num_classes: int, spec, seed: int = 0,
+                 canvas: int = 0) -> dict:
+  """A concrete batch of `abstract_batch`'s shapes on the devices: process 0, epoch 0; windows
+  from half the output size to the whole canvas."""
   rng = np.random.default_rng(seed)
   ids = np.stack([np.zeros(batch), np.zeros(batch), np.arange(batch)], -1)
-  return jax.device_put(
-      {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-       'label': rng.integers(0, num_classes, batch).astype(np.int32),
-       'example_id': ids.astype(np.int32)}, spec)
+  side = canvas or size
+  out = {'image': rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8),
+         'label': rng.integers(0, num_classes, batch).astype(np.int32),
+         'example_id': ids.astype(np.int32)}
+  if canvas:
+    out['window'] = rng.integers(size // 2, canvas + 1, (batch, 2)).astype(np.int32)
+  return jax.device_put(out, spec)
 
 
 def xla_cost(program) -> dict:

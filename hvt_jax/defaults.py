@@ -59,6 +59,12 @@ def train_config() -> ml_collections.ConfigDict:
       crop_scale=(0.08, 1.0),  # random-resized-crop area range
       crop_ratio=(3 / 4, 4 / 3),
       interpolation='bicubic',
+      # Where the crop window is resized to image_size: 'device' (inside the train step: the
+      # host only decodes), 'host', or 'auto' (the device on GPUs and TPUs, the host on CPU).
+      # For the device the host pads each window into a window_canvas-sided square (uint8);
+      # larger windows are resized on the host.
+      resize_on='auto',
+      window_canvas=512,
       flip=True,
       randaugment='rand-m9-mstd0.5-inc1',  # timm-style spec; '' turns it off
       random_erase=0.25,  # probability, pixel mode
@@ -133,12 +139,13 @@ def upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
   return {**saved, 'aug': aug, **regrouped}
 
 
-# Per dataset: class count and the split to evaluate on. Other TFDS datasets work too, by
+# Per dataset: class count and the split to evaluate on, and for images of one small size the
+# canvas that holds any crop of them (aug.window_canvas). Other TFDS datasets work too, by
 # setting data.name, data.eval_split and model.num_classes directly.
 DATASETS = {
     'imagenet2012': dict(num_classes=1000, eval_split='validation'),
-    'cifar100': dict(num_classes=100, eval_split='test'),
-    'hvt_digits': dict(num_classes=10, eval_split='test'),
+    'cifar100': dict(num_classes=100, eval_split='test', window_canvas=32),
+    'hvt_digits': dict(num_classes=10, eval_split='test', window_canvas=32),
     # ImageNet's other test sets, for eval_only with ImageNet weights.
     'imagenet_v2': dict(num_classes=1000, eval_split='test'),
     'imagenet2012_real': dict(num_classes=1000, eval_split='validation'),
@@ -154,6 +161,8 @@ def use_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.
   config.data.name = name
   config.data.eval_split = DATASETS[name]['eval_split']
   config.model.num_classes = DATASETS[name]['num_classes']
+  if 'window_canvas' in DATASETS[name]:
+    config.aug.window_canvas = DATASETS[name]['window_canvas']
   return config
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from hvt_jax import model as model_lib
+from hvt_jax.data import augment
 from hvt_jax.training import aot
 from tests import tiny_config
 
@@ -79,9 +80,14 @@ def test_tiny_steps_on_a_data_by_fsdp_slice(libtpu):
   copies = 4  # parameters, EMA (ema_decay > 0) and Adam's two moments, all float32
   assert config.ema_decay > 0
   b, s = config.batch_size // 4, config.model.image_size
-  exact = copies * 4 * sum(map(np.prod, shards)) + b * (s * s * 3 + 4 + 3 * 4 + 1)
-  padded = (copies * sum(_tiled(x, 4) for x in shards) + _tiled((b, s, s, 3), 1)
-            + 2 * _tiled((b, 3), 4) + _tiled((b,), 1) + 8 * _tiled((1,), 4))  # + scalars
+  # On a TPU the host leaves the resize to the chips: a train batch holds (c, c) canvases
+  # and each window's (height, width).
+  c = augment.window_canvas(config.aug, s, 'tpu')
+  assert c == 32 > s
+  exact = copies * 4 * sum(map(np.prod, shards)) + b * (c * c * 3 + 4 + 3 * 4 + 1 + 2 * 4)
+  padded = (copies * sum(_tiled(x, 4) for x in shards) + _tiled((b, c, c, 3), 1)
+            + 2 * _tiled((b, 3), 4) + _tiled((b, 2), 4) + _tiled((b,), 1)
+            + 8 * _tiled((1,), 4))  # + scalars
   unsplit = copies * 4 * train['params']
   assert padded < unsplit  # so the bounds below tell a split state from a whole one
   assert exact <= train['argument_bytes'] <= padded

@@ -181,19 +181,21 @@ from hvt_jax.data import augment, input_spec
 
 aug = dict(defaults.train_config().aug)  # the paper recipe: flip, rand-m9-mstd0.5-inc1, erase 0.25
 rng = np.random.default_rng(0)
-images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+# Canvases with windows to resize on the device first (the host left the resize to it).
+images = rng.integers(0, 256, (16, 48, 48, 3), dtype=np.uint8)
+windows = rng.integers(20, 49, (16, 2)).astype(np.int32)
 ids = np.stack([np.zeros(16), np.full(16, 4), np.arange(16) * 7], -1).astype(np.int32)
 out = {}
 for name, devices in [('1', jax.devices()[:1]), ('8', jax.devices())]:
   mesh = sharding.make_mesh((('data', len(devices)),), devices)
   spec = sharding.batch_sharding(mesh)
-  fn = jax.jit(lambda x, i: augment.train_images(x, i, seed=5, aug=aug,
-                                                 mean=input_spec.IMAGENET_MEAN,
-                                                 std=input_spec.IMAGENET_STD),
-               in_shardings=(spec, spec), out_shardings=spec)
-  result = fn(jax.device_put(images, spec), jax.device_put(ids, spec))
+  fn = jax.jit(lambda x, i, w: augment.train_images(x, i, w, seed=5, aug=aug,
+                                                    mean=input_spec.IMAGENET_MEAN,
+                                                    std=input_spec.IMAGENET_STD, size=32),
+               in_shardings=(spec, spec, spec), out_shardings=spec)
+  result = fn(*(jax.device_put(x, spec) for x in (images, ids, windows)))
   out[name] = {'images': np.asarray(result).tobytes().hex(), 'shards': len(result.addressable_shards),
-               'hlo': fn.lower(images, ids).compile().as_text()}
+               'hlo': fn.lower(images, ids, windows).compile().as_text()}
 print('RESULT' + json.dumps(out))
 '''
 

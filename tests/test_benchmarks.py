@@ -259,3 +259,14 @@ def test_model_speed_keeps_the_traced_steps_hlo_and_trace_breakdown_reads_both(t
   assert rows['library fusions without a product (reductions)'] > 0, out.stdout
 
 
+
+
+@pytest.mark.parametrize('where, shape', [('device', '512x512 canvases'), ('host', '32x32')])
+def test_input_speed_times_the_pipeline_with_the_resize_where_asked(where, shape):
+  out = run_benchmark('input_speed.py', '--synthetic', '--image_size=32', '--batch=8',
+                      '--batches=2', '--warmup=1', '--threads=1', f'--resize_on={where}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f'output uint8 {shape}, batch 8' in out.stdout, out.stdout
+  lines = [l for l in out.stdout.splitlines() if l.startswith(('train', 'eval'))]
+  assert [l.split()[0] for l in lines] == ['train:', 'eval'], out.stdout
+  assert all(float(l.split('per thread;')[1].split()[0]) > 0 for l in lines), out.stdout

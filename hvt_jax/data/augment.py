@@ -1,10 +1,12 @@
 """The train transform's per-example augmentation, on the device inside the jitted train step.
 
-The host decodes, crops and resizes each training image to uint8 (preprocess.py); the train
-step then runs, per example and in timm's order (DeiT/HVT recipe): horizontal flip,
-RandAugment, normalization, random erasing (`train_images`). Each example's randomness is a
-pure function of the run seed and the example's place in the input stream (`example_ids`),
-never of the device or the batch row, so any mesh, batch split or resume gives the same images.
+The host decodes and crops each training image to uint8 (preprocess.py), and resizes it to
+S x S there or leaves that to the device (`window_canvas`, `device_resize`); the train step
+then runs, per example and in timm's order (DeiT/HVT recipe): the resize if the host left it,
+horizontal flip, RandAugment, normalization, random erasing (`train_images`). Each example's
+randomness is a pure function of the run seed and the example's place in the input stream
+(`example_ids`), never of the device or the batch row, so any mesh, batch split or resume
+gives the same images.
 
 No TensorFlow here: this runs on the accelerator, from the train step.
 """
@@ -16,12 +18,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from hvt_jax.data import randaugment
+from hvt_jax.data import device_resize, filters, randaugment
 from hvt_jax.errors import UserError
 
 _ERASE_ATTEMPTS = 10  # timm's tries for the erased box
 _ERASE_AREA = (0.02, 1 / 3)  # timm's RandomErasing defaults, as a fraction of the image
 _ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+RESIZE_ON = ('auto', 'host', 'device')
 
 
 class AugmentConfigError(UserError):
@@ -35,6 +38,29 @@ def check_settings(aug: Any) -> None:
                              'set it in [0, 1] (0 turns random erasing off).')
   if aug['randaugment']:
     randaugment.parse_spec(aug['randaugment'])  # RandAugmentSpecError
+  window_canvas(aug, 1, 'cpu')
+
+
+def window_canvas(aug: Any, size: int, platform: str) -> int:
+  """The canvas side the host pads each train crop window to, for the device to resize it to
+  S = `size`; 0: the host resizes to S x S itself.
+
+  `aug.resize_on`: 'device', 'host', or 'auto': the device on accelerators, the host on a CPU
+  backend (where the "device" is the host's own cores, and the host's banded TF resize costs
+  no more). The canvas is `aug.window_canvas`, at least S. Nearest neighbour stays on the
+  host, where PIL's stepping is replayed in float64 (preprocess._nearest).
+  """
+  where, canvas = aug.get('resize_on', 'host'), int(aug.get('window_canvas', 0))
+  if where not in RESIZE_ON:
+    raise AugmentConfigError(f'aug.resize_on={where!r}: use one of {", ".join(RESIZE_ON)}.')
+  if where == 'host' or (where == 'auto' and platform == 'cpu'):
+    return 0
+  if canvas <= 0:
+    raise AugmentConfigError(f'aug.window_canvas={canvas}: resizing on the device needs a canvas '
+                             'side, e.g. 512 (or set aug.resize_on=host).')
+  if filters.FILTERS.get(aug['interpolation']) is None:
+    return 0
+  return max(canvas, size)
 
 
 def fill_color(mean: Sequence[float]) -> tuple[int, ...]:
@@ -52,12 +78,15 @@ def example_keys(seed: int, example_ids: jax.Array) -> jax.Array:
   return jax.vmap(key)(jnp.asarray(example_ids, jnp.int32))
 
 
-def train_images(images: jax.Array, example_ids: jax.Array, *, seed: int, aug: Any,
-                 mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+def train_images(images: jax.Array, example_ids: jax.Array, windows: jax.Array | None = None, *,
+                 seed: int, aug: Any, mean: Sequence[float], std: Sequence[float],
+                 size: int | None = None) -> jax.Array:
   """uint8 (B, S, S, 3) -> float32 (B, S, S, 3): flip, RandAugment, normalize, erase.
 
   `example_ids`: int32 (B, 3) = (process, epoch, position), the batch's 'example_id'.
   `aug`: config.aug (ConfigDict or dict); `mean`, `std`: config.eval's; `seed`: config.seed.
+  `windows`: int32 (B, 2), the batch's 'window' when the host left the resize to the device:
+  `images` are then (B, C, C, 3) canvases, each resized from its window to `size` first.
   """
   check_settings(aug)
   images = jnp.asarray(images)
@@ -66,6 +95,8 @@ def train_images(images: jax.Array, example_ids: jax.Array, *, seed: int, aug: A
                     f'{images.dtype.name}.')
   spec, erase, flips = aug['randaugment'], float(aug['random_erase']), bool(aug['flip'])
   fill = fill_color(mean)
+  if windows is not None:
+    images = device_resize.resize_windows(images, windows, size, aug['interpolation'])
 
   def one(image, key):
     # One split whatever is switched on, so each part's draws stay put when another is off.

@@ -4,7 +4,9 @@ Each process reads its own even share of a split (`tfds.even_splits`, what
 `tfds.split_for_jax_process` does), keeps the images encoded through shuffling and skipping,
 and decodes only the crop it keeps (`preprocess.train_crop` on the JPEG bytes). The host only
 decodes, crops and resizes: batches leave it as uint8, and the rest of the train transform runs
-on the device, seeded by each example's 'example_id' (`hvt_jax.data.augment`).
+on the device, seeded by each example's 'example_id' (`hvt_jax.data.augment`). On
+accelerators the host leaves the resize to the device too (`augment.window_canvas`): a batch
+then holds each decoded window at the top left of a canvas, with its size as 'window'.
 
 Train order is a pure function of (config.seed, process index, epoch): every epoch gets its own
 file order and shuffle seed, and example i of epoch e its own augmentation seed. So the stream
@@ -28,7 +30,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hvt_jax.data import datasets, feeding, folders, input_spec, preprocess, sources
+from hvt_jax.data import augment, datasets, feeding, folders, input_spec, preprocess, sources
 from hvt_jax import sharding
 
 _MAX_EPOCHS = 2 ** 40  # the train stream is endless in practice
@@ -70,13 +72,15 @@ def _epoch_records(source: sources.Source, *, seed: int, process_index: int, shu
 
 
 def train_dataset(source: sources.Source, config: ml_collections.ConfigDict, *, process_index: int,
-                  local_batch: int, start: int = 0) -> tf.data.Dataset:
+                  local_batch: int, start: int = 0, canvas: int = 0) -> tf.data.Dataset:
   """Endless local batches {'image': uint8 (b, S, S, 3), 'label': int32 (b,), 'ok': bool (b,),
   'example_id': int32 (b, 3)}: the record's (process_index, epoch, position), which seeds its
   crop here and the rest of its augmentation on the device.
 
   `start`: how many examples of this process's stream to leave out, e.g. after resuming.
-  They are skipped as encoded records, only within their epoch.
+  They are skipped as encoded records, only within their epoch. `canvas` > 0: the resize is
+  left to the device, and 'image' is uint8 (b, canvas, canvas, 3) with each window's (height,
+  width) in 'window': int32 (b, 2) (`augment.window_canvas`).
   """
   n = source.num_examples
   if n == 0:
@@ -87,12 +91,19 @@ def train_dataset(source: sources.Source, config: ml_collections.ConfigDict, *, 
       source, seed=config.seed, process_index=process_index,
       shuffle_buffer=config.data.shuffle_buffer, repeats=repeats,
       window=max(1, local_batch // repeats))
-  augment = _augment_fn(config, process_index)
-  check_some_decode(source, augment, config)
+  transform = _augment_fn(config, process_index, canvas)
+  check_some_decode(source, transform, config)
   ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
   ds = ds.skip(start % n)
-  ds = skip_undecodable(ds, augment)
-  ds = ds.batch(local_batch, drop_remainder=True).map(fill_skipped)
+  ds = skip_undecodable(ds, transform)
+  if canvas:
+    # Windows of any size, zero-padded into the canvas as they are batched.
+    shapes = {k: [canvas, canvas, 3] if k == 'image' else v.shape
+              for k, v in ds.element_spec.items()}
+    ds = ds.padded_batch(local_batch, padded_shapes=shapes, drop_remainder=True)
+  else:
+    ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(fill_skipped)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -113,32 +124,37 @@ def skip_undecodable(ds: tf.data.Dataset, augment: Callable) -> tf.data.Dataset:
       lambda number, element: (number, augment(*element)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
-  def count_gap(previous, item):
+  def with_placeholders(previous, item):
+    # One stage for counting the gap and stacking: each tf.data stage costs per element.
     number, example = item
-    return number, (number - previous - 1, example)
+    missing = number - previous - 1
 
-  def with_placeholders(missing, example):
     def stacked():
       return {k: tf.concat([tf.zeros(tf.concat([[missing], tf.shape(v)], 0), v.dtype), v[None]],
                            axis=0) for k, v in example.items()}
     rows = tf.cond(missing > 0, stacked, lambda: {k: v[None] for k, v in example.items()})
-    ok = tf.range(missing + 1) == missing
-    return {**rows, 'ok': ok}
+    return number, {**rows, 'ok': tf.range(missing + 1) == missing}
 
-  decoded = decoded.scan(tf.constant(-1, tf.int64), count_gap)
-  return decoded.map(with_placeholders).unbatch()
+  return decoded.scan(tf.constant(-1, tf.int64), with_placeholders).unbatch()
 
 
-def _augment_fn(config: ml_collections.ConfigDict, process_index: int) -> Callable:
-  """(epoch, position, record) -> {'image', 'label', 'example_id'}: the host's part of the
-  train transform (`preprocess.train_crop`), seeded by the record's place in this process's
-  stream, and that place for the device's part."""
+def _augment_fn(config: ml_collections.ConfigDict, process_index: int,
+                canvas: int = 0) -> Callable:
+  """(epoch, position, record) -> {'image', 'label', 'example_id'[, 'window']}: the host's
+  part of the train transform (`preprocess.train_crop`, or `train_window` with a `canvas`),
+  seeded by the record's place in this process's stream, and that place for the device's part."""
+  size = config.model.image_size
+
   def augment(epoch, position, record):
     key = _key(config.seed, process_index, epoch, _AUGMENT, position)
-    image = preprocess.train_crop(record['image'], key, size=config.model.image_size,
-                                  aug=config.aug)
     example_id = tf.cast(tf.stack([tf.cast(process_index, tf.int64), epoch, position]), tf.int32)
-    return {'image': image, 'label': tf.cast(record['label'], tf.int32), 'example_id': example_id}
+    out = {'label': tf.cast(record['label'], tf.int32), 'example_id': example_id}
+    if not canvas:
+      return {**out, 'image': preprocess.train_crop(record['image'], key, size=size,
+                                                    aug=config.aug)}
+    image, window = preprocess.train_window(record['image'], key, size=size, canvas=canvas,
+                                            aug=config.aug)
+    return {**out, 'image': image, 'window': window}
   return augment
 
 
@@ -165,11 +181,17 @@ def fill_skipped(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   'ok': image, label and example_id alike): the batch keeps its size, and the train step counts
   the copies from 'ok' (train/skipped_examples)."""
   ok = batch['ok']
-  rows = tf.range(tf.shape(ok)[0])
-  valid = tf.boolean_mask(rows, ok)
-  count = tf.maximum(tf.size(valid), 1)  # no valid row at all: the placeholders stay
-  source = tf.where(ok, rows, tf.gather(tf.concat([valid, [0]], 0), rows % count))
-  return {**{k: tf.gather(v, source) for k, v in batch.items() if k != 'ok'}, 'ok': ok}
+
+  def filled():
+    rows = tf.range(tf.shape(ok)[0])
+    valid = tf.boolean_mask(rows, ok)
+    count = tf.maximum(tf.size(valid), 1)  # no valid row at all: the placeholders stay
+    source = tf.where(ok, rows, tf.gather(tf.concat([valid, [0]], 0), rows % count))
+    return {k: tf.gather(v, source) for k, v in batch.items() if k != 'ok'}
+
+  # Nearly every batch has nothing to fill: it is not copied.
+  rest = tf.cond(tf.reduce_all(ok), lambda: {k: v for k, v in batch.items() if k != 'ok'}, filled)
+  return {**rest, 'ok': ok}
 
 
 def eval_dataset(source: sources.Source, config: ml_collections.ConfigDict, *,
@@ -254,7 +276,10 @@ def train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, s
   # them from each process's stream. So the same process count resumes with exactly the
   # original batches, and another count at the same epoch and fraction of it (new batches).
   start = step * local_batch
-  ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start)
+  canvas = augment.window_canvas(config.aug, config.model.image_size,
+                                 mesh.devices.flat[0].platform)
+  ds = train_dataset(source, config, process_index=index, local_batch=local_batch, start=start,
+                     canvas=canvas)
   return feeding.TrainIterator(ds.as_numpy_iterator(), sharding.batch_sharding(mesh),
                        prefetch=config.data.prefetch)
 

@@ -1,15 +1,16 @@
 """The host's part of the DeiT/HVT (timm 0.3.2) image transforms, in TF: decode, crop, resize.
 
 `train_crop` decodes timm's random-resized-crop window and resizes it to a uint8 S x S image;
-the rest of the train transform (flip, RandAugment, normalization, random erasing) runs on the
+`train_window` decodes it only, for the device to resize (`hvt_jax.data.device_resize`). The
+rest of the train transform (flip, RandAugment, normalization, random erasing) runs on the
 device, inside the train step (`hvt_jax.data.augment`). `eval_crop` resizes and center-crops
 to uint8; `eval_image` (predict) normalizes that on the host. Both take encoded image bytes (a
 scalar tf.string) or a uint8 (H, W, C) tensor. Training randomness is stateless and comes only
 from the `seed` argument, so tf.data may run the transform in any order or in parallel.
 
 The resize is PIL's `Image.resize` (what timm's torchvision transforms call): its filters,
-antialiased by widening the filter when shrinking, in two separable passes with the result of
-the first rounded to uint8 as PIL does.
+antialiased by widening the filter when shrinking (`filters`), in two separable passes with the
+result of the first rounded to uint8 as PIL does.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 import tensorflow as tf
 
 # One error class for bad augmentation settings, on the host and on the device alike.
+from hvt_jax.data import filters
 from hvt_jax.data.augment import AugmentConfigError
 
 _ATTEMPTS = 10  # timm's tries for the crop window
@@ -31,37 +33,6 @@ _BLOCK = 8
 Window = tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]  # top, left, height, width
 
 
-def _bicubic(x: tf.Tensor) -> tf.Tensor:
-  """PIL's bicubic filter (Keys, a = -0.5)."""
-  a = -0.5
-  x = tf.abs(x)
-  return tf.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  tf.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, tf.zeros_like(x)))
-
-
-def _bilinear(x: tf.Tensor) -> tf.Tensor:
-  return tf.maximum(1 - tf.abs(x), 0)
-
-
-def _sinc(x: tf.Tensor) -> tf.Tensor:
-  safe = tf.where(x == 0, tf.ones_like(x), x * math.pi)
-  return tf.where(x == 0, tf.ones_like(x), tf.sin(safe) / safe)
-
-
-def _lanczos(x: tf.Tensor) -> tf.Tensor:
-  return tf.where((x >= -3) & (x < 3), _sinc(x) * _sinc(x / 3), tf.zeros_like(x))
-
-
-# name -> (filter, support in input pixels at scale 1) as PIL defines them; None: nearest
-# neighbour, which PIL samples without a filter (and so never antialiases).
-_FILTERS = {
-    'bicubic': (_bicubic, 2.0),
-    'bilinear': (_bilinear, 1.0),
-    'lanczos': (_lanczos, 3.0),
-    'nearest': None,
-}
-
-
 # Plain TF throughout: AutoGraph would only add tracing time in tf.data and tf.function
 # (docs/performance.md, "Figures moved out of code comments").
 @tf.autograph.experimental.do_not_convert
@@ -71,6 +42,27 @@ def train_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.
   `seed`: shape (2,) int32/int64. `aug`: the config's `aug` section (a ConfigDict or dict); its
   crop_scale, crop_ratio and interpolation are used here, the rest on the device.
   """
+  x = _random_window(image, seed, aug)
+  return tf.ensure_shape(resize(x, size, size, aug['interpolation']), [size, size, 3])
+
+
+@tf.autograph.experimental.do_not_convert
+def train_window(image: tf.Tensor, seed: tf.Tensor, *, size: int, canvas: int,
+                 aug: Any) -> tuple[tf.Tensor, tf.Tensor]:
+  """`train_crop` with the resize left to the device: (the window `crop_window` draws, as
+  uint8 (h, w, 3), and int32 (h, w)), for `device_resize` to resize to (size, size, 3).
+
+  A window larger than `canvas` on either side (the side the batch pads windows to) is resized
+  here instead: it comes as (size, size, 3), which the device's resize leaves as it is.
+  """
+  x = _random_window(image, seed, aug)
+  x = tf.cond(tf.reduce_all(tf.shape(x)[:2] <= canvas), lambda: x,
+              lambda: resize(x, size, size, aug['interpolation']))
+  return x, tf.shape(x)[:2]
+
+
+def _random_window(image: tf.Tensor, seed: tf.Tensor, aug: Any) -> tf.Tensor:
+  """The decoded uint8 window of `crop_window`, drawn from `seed`."""
   check_crop_settings(aug)
   # int64 throughout, so an int32 seed with the same numbers gives the same image. The crop
   # takes the first of four streams, as it did when the host also drew flip, RandAugment and
@@ -78,8 +70,7 @@ def train_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.
   crop_seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)[0]
   window_fn = functools.partial(crop_window, seed=crop_seed, scale=tuple(aug['crop_scale']),
                                 ratio=tuple(aug['crop_ratio']))
-  x = _decode_cropped(tf.convert_to_tensor(image), window_fn)
-  return tf.ensure_shape(resize(x, size, size, aug['interpolation']), [size, size, 3])
+  return _decode_cropped(tf.convert_to_tensor(image), window_fn)
 
 
 def check_crop_settings(aug: Any) -> None:
@@ -171,11 +162,11 @@ def resize(image: tf.Tensor, height, width, interpolation: str, *, first=(0, 0),
   (default: all), which are those pixels of the full resize.
   """
   count = (height, width) if count is None else count
-  if _FILTERS[interpolation] is None:
+  if filters.FILTERS[interpolation] is None:
     rows = _nearest(tf.shape(image)[0], height, first[0], count[0])
     cols = _nearest(tf.shape(image)[1], width, first[1], count[1])
     return tf.gather(tf.gather(image, rows), cols, axis=1)
-  kernel, support = _FILTERS[interpolation]
+  kernel, support = filters.FILTERS[interpolation]
   in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
   # Both passes resample the leading axis of a (rows, everything else) matrix: the columns
   # first, on the image as it is, then the rows, on the transposed (smaller) result. PIL
@@ -205,31 +196,21 @@ def _nearest(in_size, out_size, first, count) -> tf.Tensor:
 def _resample(x: tf.Tensor, in_size, out_size, first, count, kernel: Callable,
               support: float) -> tf.Tensor:
   """uint8 (in_size, M) -> uint8 (count, M): rows first.. of PIL's resampling of the leading
-  axis to `out_size`.
+  axis to `out_size`, with PIL's coefficients (`filters`).
 
-  PIL's coefficients (precompute_coeffs in its Resample.c): output row o is centered at input
-  coordinate c = (o + 0.5) * scale, scale = in_size / out_size; when shrinking, the filter is
-  widened by the scale (its antialiasing); the input rows within its support are weighted
-  kernel((row + 0.5 - c) / max(scale, 1)), normalized to sum 1. TF has no op for such a banded
-  weighted sum of rows, so blocks of `_BLOCK` output rows each take one small dense matmul over
-  the input rows the block reads.
+  TF has no op for such a banded weighted sum of rows, so blocks of `_BLOCK` output rows each
+  take one small dense matmul over the input rows the block reads.
   """
   in_f = tf.cast(in_size, tf.float64)
   scale = in_f / tf.cast(out_size, tf.float64)
-  stretch = tf.maximum(scale, 1.0)
-  reach = support * stretch
   blocks = (count + _BLOCK - 1) // _BLOCK
   out = tf.cast(tf.reshape(tf.range(blocks * _BLOCK) + first, [blocks, _BLOCK]), tf.float64)
-  center = (out + 0.5) * scale
-  # PIL's bounds: int(center -+ support + 0.5), clamped to the image.
-  low = tf.maximum(tf.floor(center - reach + 0.5), 0.0)
-  high = tf.minimum(tf.floor(center + reach + 0.5), in_f)
-  start = low[:, 0]
-  span = tf.cast(tf.reduce_max(high[:, -1] - start), tf.int32)  # input rows per block
+  where = filters.bounds(out, scale, in_f, support, tf)
+  start = where.low[:, 0]
+  span = tf.cast(tf.reduce_max(where.high[:, -1] - start), tf.int32)  # input rows per block
   rows = start[:, None] + tf.cast(tf.range(span), tf.float64)  # (blocks, span)
-  weight = kernel((rows[:, None, :] - center[..., None] + 0.5) / stretch)
-  weight = tf.where((rows[:, None, :] >= low[..., None]) & (rows[:, None, :] < high[..., None]),
-                    weight, 0.0)
+  weight = filters.weights(rows[:, None, :], filters.Bounds(*(v[..., None] for v in where)),
+                           kernel, tf)
   weight = weight / tf.reduce_sum(weight, axis=-1, keepdims=True)  # (blocks, _BLOCK, span)
   # Rows past the image (the last block's) have weight 0; any valid row may stand in.
   rows = tf.minimum(tf.cast(rows, tf.int32), in_size - 1)
@@ -287,6 +268,6 @@ def _check_range(name: str, bounds: Sequence[float], upper: float = math.inf) ->
 
 
 def _check_interpolation(name: str) -> None:
-  if name not in _FILTERS:
+  if name not in filters.FILTERS:
     raise AugmentConfigError(f'interpolation {name!r} is not supported; use one of '
-                             f'{", ".join(_FILTERS)}.')
+                             f'{", ".join(filters.FILTERS)}.')

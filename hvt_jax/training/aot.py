@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from hvt_jax import cli, defaults
+from hvt_jax.data import augment
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
 from hvt_jax import sharding
@@ -79,17 +80,19 @@ def _abstract(tree, shardings):
                       shardings)
 
 
-def _batch(size: int, image_size: int, mesh, *, train: bool) -> dict:
+def _batch(size: int, image_size: int, mesh, *, train: bool, canvas: int = 0) -> dict:
   """The input pipeline's global batch: uint8 NHWC images and int32 labels; a train batch also
-  has each example's id (its augmentation's seed) and whether it decoded ('ok'), an eval batch
-  the mask of its padding."""
+  has each example's id (its augmentation's seed) and whether it decoded ('ok'), and with a
+  `canvas` (the resize left to the device) canvas-sized images and each window's size; an eval
+  batch has the mask of its padding."""
   placed = sharding.batch_sharding(mesh)
   shape = lambda *s, dtype: jax.ShapeDtypeStruct((size, *s), dtype, sharding=placed)
-  batch = {'image': shape(image_size, image_size, 3, dtype=jnp.uint8),
-           'label': shape(dtype=jnp.int32)}
-  if train:
-    return {**batch, 'example_id': shape(3, dtype=jnp.int32), 'ok': shape(dtype=jnp.bool_)}
-  return {**batch, 'mask': shape(dtype=jnp.int32)}
+  side = canvas or image_size
+  batch = {'image': shape(side, side, 3, dtype=jnp.uint8), 'label': shape(dtype=jnp.int32)}
+  if not train:
+    return {**batch, 'mask': shape(dtype=jnp.int32)}
+  batch = {**batch, 'example_id': shape(3, dtype=jnp.int32), 'ok': shape(dtype=jnp.bool_)}
+  return {**batch, 'window': shape(2, dtype=jnp.int32)} if canvas else batch
 
 
 # How the TPU compiler refuses a program that cannot fit: the memory it needs (its
@@ -161,8 +164,9 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list,
             'params': model_lib.param_count(state.params)}
   rows = []
   if 'train' in steps:
+    canvas = augment.window_canvas(config.aug, model.image_size, devices[0].platform)
     args = (_abstract(state, shardings),
-            _batch(config.batch_size, model.image_size, mesh, train=True))
+            _batch(config.batch_size, model.image_size, mesh, train=True, canvas=canvas))
     rows.append({**common, **measure('train', p_train, args, batch=config.batch_size,
                                      devices=devices)})
   if 'eval' in steps:

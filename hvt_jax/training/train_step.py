@@ -154,10 +154,13 @@ def train_images(batch, config, rounds: int = 1, round_sharding=None) -> jax.Arr
   """
   images = _uint8_images(batch, needs_ids=True)
   augment_ = functools.partial(augment.train_images, seed=int(config.seed), aug=config.aug,
-                               mean=config.eval.mean, std=config.eval.std)
+                               mean=config.eval.mean, std=config.eval.std,
+                               size=int(config.model.image_size))
+  # 'window': the host left the resize to the device (the images are canvases).
+  inputs = (images, batch['example_id']) + ((batch['window'],) if 'window' in batch else ())
   if rounds == 1:
-    return augment_(images, batch['example_id'])
-  parts = [micro_batches(x, rounds) for x in (images, batch['example_id'])]
+    return augment_(*inputs)
+  parts = [micro_batches(x, rounds) for x in inputs]
   if round_sharding is not None:
     parts = jax.lax.with_sharding_constraint(parts, round_sharding)
   out = jax.lax.map(lambda xs: augment_(*xs), tuple(parts))
