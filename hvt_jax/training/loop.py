@@ -314,7 +314,7 @@ class _Meter:
   one. So each `next()` call counts from the later of its start and the previous step's finish
   (recorded by a thread that blocks on the step's output) to its return. In a run the step
   limits, that is about 0; in one the input limits, about the share of the time the device sat
-  idle. `next()` includes starting the batch's copy to the devices (`TrainIterator`).
+  idle. `next()` includes starting the batch's copy to the devices (`data.feeding.TrainIterator`).
   """
 
   def __init__(self):
