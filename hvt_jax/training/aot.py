@@ -159,12 +159,13 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list,
   mesh = sharding.make_mesh(config.mesh, devices)
   # The schedule's steps per epoch change only constants, not the programs.
   model, _, state, shardings, p_train, p_eval = train_step.build(config, mesh, 1000)
+  # The train batch's images: S x S, or canvases when the chips resize the crops themselves.
+  canvas = augment.window_canvas(config.aug, model.image_size, devices[0].platform)
   common = {'devices': len(devices), 'device_kind': devices[0].device_kind,
             'mesh': dict(mesh.shape), 'dtype': model.dtype, 'scan_blocks': model.scan_blocks,
-            'params': model_lib.param_count(state.params)}
+            'params': model_lib.param_count(state.params), 'window_canvas': canvas}
   rows = []
   if 'train' in steps:
-    canvas = augment.window_canvas(config.aug, model.image_size, devices[0].platform)
     args = (_abstract(state, shardings),
             _batch(config.batch_size, model.image_size, mesh, train=True, canvas=canvas))
     rows.append({**common, **measure('train', p_train, args, batch=config.batch_size,
