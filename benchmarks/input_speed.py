@@ -20,7 +20,9 @@ per image is the figure that stays meaningful on a busy or shared machine.
 alone (read, shuffle, number), + decode-and-crop of the window, + the resize to S x S, and the
 whole pipeline; the differences are each piece's cost, the rest is tf.data's (skipping and
 filling undecodable records, batching, and with the resize on the device the padding into
-canvases and the host resize of windows larger than the canvas).
+canvases and the host resize of windows larger than the canvas). The pieces decode one window
+per example; with repeated augmentation (`--recipe=paper`) the whole pipeline decodes an
+image once for its copies, so its line can come out below theirs.
 
 hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~110 KB JPEGs:
 `--synthetic` encodes photo-like 500x375 JPEGs of about that size in memory instead.
@@ -91,12 +93,11 @@ def breakdown(source, config) -> None:
   """CPU ms per image of the train stream cut after each piece, on one tf.data thread."""
   size = config.model.image_size
   aug = config.aug
-  repeats = max(1, int(aug.repeated_aug))
-  # The pipeline's own pieces, as train_dataset puts them together (private on purpose).
-  epoch_records = input_pipeline._epoch_records(  # pylint: disable=protected-access
-      source, seed=config.seed, process_index=0, shuffle_buffer=config.data.shuffle_buffer,
-      repeats=repeats, window=max(1, FLAGS.batch // repeats))
-  records = tf.data.Dataset.range(2 ** 40).flat_map(epoch_records)
+  # The record stream as the pipeline reads it, one record per example (no repeated
+  # augmentation: the pieces are one decode each), numbered within its epoch.
+  records = tf.data.Dataset.range(2 ** 40).flat_map(
+      lambda epoch: source.read(None).shuffle(config.data.shuffle_buffer, seed=epoch)
+      .enumerate().map(lambda i, record: (epoch, i, record)))
 
   def window(epoch, position, record):
     # pylint: disable-next=protected-access

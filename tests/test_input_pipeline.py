@@ -4,6 +4,7 @@ Each fake image is a flat colour spelling its example id (`fake_imagenet`), so w
 changing augmentations off the tests can tell exactly which examples a batch holds.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hvt_jax import defaults
 from hvt_jax.data import datasets, input_pipeline, sources
 from hvt_jax import sharding
 from tests import fake_imagenet
+from tests import test_preprocess as preprocess_test
 from tests.fake_imagenet import ids_of, take
 
 SIZE = 16
@@ -191,6 +194,82 @@ def test_repeated_augmentation(imagenet, mesh):
     np.testing.assert_array_equal(example_ids[:, 2], np.arange(48))
   # Each epoch picks a different third of the images.
   assert set(ids_of(take(input_pipeline.train_iterator(config, mesh), 4), config)) != set(ids)
+
+
+def _rows(batches, count):
+  """The first `count` rows of a stream of numpy batches, as one dict of arrays."""
+  rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  return {k: v[:count] for k, v in rows.items()}
+
+
+@pytest.mark.parametrize('canvas', [0, 48])
+def test_repeated_copies_are_the_crops_of_their_positions(canvas):
+  """With repeated augmentation an image is decoded once, whole, for its copies, and each
+  copy cut from that: every example is exactly the crop its own position draws, of the record
+  the layout puts there (copies a window apart, a shorter last window, the epoch cut to n),
+  also when a run resumes inside a window, and an undecodable image leaves placeholders in
+  all its copies' places."""
+  config = defaults.train_config()
+  config.model.image_size = 24
+  config.data.update(threads=2, shuffle_buffer=64)
+  n, k, batch = 23, 3, 9  # windows of 3 images: 3, 3 and 2 per epoch, 24 copies cut to 23
+  images = [preprocess_test._encode(preprocess_test._photo(30 + i, 44 - i, seed=i), 'JPEG',
+                                    quality=90) for i in range(n)]
+  images[5] = b'not an image'
+  source = sources.memory_source(np.array(images, dtype=object), np.arange(n, dtype=np.int64))
+
+  def stream(repeats, start=0, count=2 * n):
+    config.aug.repeated_aug = repeats
+    ds = input_pipeline.train_dataset(source, config, process_index=0, local_batch=batch,
+                                      start=start, canvas=canvas)
+    return _rows(list(ds.take(count // batch + 2).as_numpy_iterator()), count)
+
+  transform = input_pipeline._augment_fn(config, 0, canvas)  # one record, one position
+  expected = []
+  # Each epoch's shuffled records, as the unrepeated stream lists them (5 is a placeholder
+  # there, refilled with a copy of another row: read its place from 'ok').
+  once = stream(1, count=3 * n)
+  for epoch in range(3):
+    order = np.where(once['ok'], once['label'], 5)[epoch * n:epoch * n + math.ceil(n / k)]
+    key = input_pipeline._key(config.seed, 0, epoch, input_pipeline._AUGMENT)
+    sizes = [3, 3, 2]
+    for m, r in enumerate(sizes):
+      for j in range(k):
+        for o in range(r):
+          position = m * k * 3 + j * r + o
+          if position < n:
+            expected.append((epoch, position, order[m * 3 + o], key))
+  assert [e[1] for e in expected[:n]] == list(range(n))
+
+  cache = {}
+
+  def reference(epoch, position, label, key):
+    """The crop of the image decoded whole (what PIL decodes), then cropped and resized as
+    `train_crop` does; a window decoded alone may differ at its edges."""
+    if (epoch, position) not in cache:
+      cache[epoch, position] = transform(
+          key, tf.constant(epoch, tf.int64), tf.constant(position, tf.int64),
+          {'image': tf.io.decode_jpeg(images[label], channels=3),
+           'label': tf.constant(label)})['image'].numpy()
+    return cache[epoch, position]
+
+  # From the start, inside the last (shorter) window, mid-window in the second epoch.
+  for start in (0, 22, 30):
+    got = stream(k, start=start)
+    for row, (epoch, position, label, key) in enumerate(expected[start:start + 2 * n]):
+      assert tuple(got['example_id'][row]) == (0, epoch, position)
+      assert got['ok'][row] == (label != 5), (start, row)
+      if label == 5:
+        continue
+      assert got['label'][row] == label
+      want = reference(epoch, position, label, key)
+      if canvas:
+        h, w = want.shape[:2]
+        np.testing.assert_array_equal(got['window'][row], (h, w))
+        assert not got['image'][row][h:].any() and not got['image'][row][:, w:].any()
+        np.testing.assert_array_equal(got['image'][row][:h, :w], want)
+      else:
+        np.testing.assert_array_equal(got['image'][row], want)
 
 
 @pytest.mark.parametrize('count', [1, 2])

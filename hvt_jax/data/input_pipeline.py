@@ -39,36 +39,90 @@ _PROBE_RECORDS = 256  # undecodable in a row at the start: the data is not image
 _FILE_ORDER, _SHUFFLE, _AUGMENT = 0, 1, 2
 
 
-def _key(*parts) -> tf.Tensor:
-  """A stateless-RNG seed folded from integers (Python or tensors), in order."""
-  key = tf.constant([0, 0], tf.int64)
+def _key(*parts, key: tf.Tensor | None = None) -> tf.Tensor:
+  """A stateless-RNG seed folded from integers (Python or tensors), in order, into `key`
+  (default [0, 0]): _key(a, b, c) == _key(c, key=_key(a, b))."""
+  key = tf.constant([0, 0], tf.int64) if key is None else key
   for part in parts:
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(part, tf.int64), alg='philox')
   return key
 
 
-def _epoch_records(source: sources.Source, *, seed: int, process_index: int, shuffle_buffer: int,
-                   repeats: int, window: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
-  """epoch -> that epoch's `num_examples` records as (epoch, position, record), shuffled.
+def _epoch_examples(source: sources.Source, config: ml_collections.ConfigDict, *,
+                    process_index: int, local_batch: int,
+                    canvas: int) -> Callable[[tf.Tensor, int], tf.data.Dataset]:
+  """(epoch, skip) -> that epoch's `num_examples` examples from the `skip`-th on, as the host
+  hands them to batching: {'image', 'label', 'example_id'[, 'window'], 'ok'}.
 
-  With `repeats` = k > 1 (repeated augmentation, DeiT's RASampler) the epoch takes the first
-  ceil(n / k) shuffled images and emits each k times: a window of `window` images, then the
-  same window again, k times. Copies thus sit `window` positions apart (other devices or other
-  batches), each gets its own position and so its own augmentation seed, and the epoch still
-  has n records.
+  With `aug.repeated_aug` = k > 1 (repeated augmentation, DeiT's RASampler) the epoch takes the
+  first ceil(n / k) shuffled images and emits each k times: a window of `local_batch // k`
+  images, then the same window again, k times. Copies thus sit a window apart (other devices
+  or other batches), each gets its own position and so its own augmentation seed, and the
+  epoch still has n examples. An image is decoded once, whole, for its k copies
+  (`preprocess.decoded_windows`), and each copy's crop is cut from it; so a window of decoded
+  images is held at a time.
+
+  The skipped examples are left out as encoded records, apart from those of the window the
+  `skip`-th falls in.
   """
   n = source.num_examples
+  repeats = max(1, int(config.aug.get('repeated_aug', 1)))
+  window = max(1, local_batch // repeats)
+  distinct = math.ceil(n / repeats)
+  transform = _augment_fn(config, process_index, canvas)
+  size, aug = config.model.image_size, config.aug
 
-  def records(epoch):
-    ds = source.read(_key(seed, process_index, epoch, _FILE_ORDER))
-    shuffle_seed = _key(seed, process_index, epoch, _SHUFFLE)[0]
-    ds = ds.shuffle(min(shuffle_buffer, n), seed=shuffle_seed, reshuffle_each_iteration=False)
-    if repeats > 1:
-      ds = ds.take(math.ceil(n / repeats)).batch(window).flat_map(
-          lambda w: tf.data.Dataset.from_tensor_slices(w).repeat(repeats)).take(n)
-    return ds.enumerate().map(lambda i, rec: (epoch, i, rec))
+  def copies(augment_key, epoch, image_index, record):
+    # Image q of window m (o-th in it, of r) has copies at m * k * window + j * r + o.
+    m, o = image_index // window, image_index % window
+    r = tf.minimum(tf.cast(window, tf.int64), distinct - m * window)
+    positions = m * repeats * window + tf.range(repeats, dtype=tf.int64) * r + o
+    seeds = tf.stack([_key(p, key=augment_key) for p in tf.unstack(positions, num=repeats)])
+    image, windows = preprocess.decoded_windows(record['image'], seeds, aug=aug)
+    example_id = tf.cast(tf.stack([tf.fill([repeats], tf.cast(process_index, tf.int64)),
+                                   tf.fill([repeats], epoch), positions], axis=1), tf.int32)
+    return {'image': image, 'crop': windows, 'example_id': example_id,
+            'label': tf.cast(record['label'], tf.int32)}
 
-  return records
+  def each_copy(image):
+    # One element per copy; each refers to the decoded image, which `cut` crops.
+    return tf.data.Dataset.from_tensor_slices(
+        {'crop': image['crop'], 'example_id': image['example_id']}).map(
+            lambda c: {**image, **c})
+
+  def cut(c):
+    top, left, height, width = tf.unstack(c['crop'])
+    x = c['image'][top:top + height, left:left + width]
+    if canvas:
+      x, hw = preprocess.finish_window(x, size=size, canvas=canvas, aug=aug)
+    else:
+      # A placeholder (an undecodable image) has an empty window: nothing to resize.
+      x = tf.ensure_shape(tf.cond(c['ok'], lambda: preprocess.resize(x, size, size,
+                                                                     aug.interpolation),
+                                  lambda: tf.zeros([size, size, 3], tf.uint8)), [size, size, 3])
+    out = {'image': x, 'label': c['label'], 'example_id': c['example_id'], 'ok': c['ok']}
+    return {**out, 'window': hw} if canvas else out
+
+  def examples(epoch, skip: int = 0):
+    epoch = tf.cast(epoch, tf.int64)
+    ds = source.read(_key(config.seed, process_index, epoch, _FILE_ORDER))
+    shuffle_seed = _key(config.seed, process_index, epoch, _SHUFFLE)[0]
+    ds = ds.shuffle(min(config.data.shuffle_buffer, n), seed=shuffle_seed,
+                    reshuffle_each_iteration=False)
+    augment_key = _key(config.seed, process_index, epoch, _AUGMENT)  # once per epoch
+    if repeats == 1:
+      return skip_undecodable(ds.enumerate().skip(skip),
+                              lambda i, record: transform(augment_key, epoch, i, record))
+    first = skip // (repeats * window) * window  # the first image of skip's window
+    images = skip_undecodable(ds.take(distinct).enumerate().skip(first),
+                              lambda q, record: copies(augment_key, epoch, q, record))
+    # Round-robin over a window's images gives copy 0 of each, then copy 1, ...: the order of
+    # the positions. Only the epoch's last window is shorter, so it ends the epoch's stream.
+    ds = images.interleave(each_copy, cycle_length=window, block_length=1)
+    ds = ds.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.skip(skip - first * repeats).take(n - skip)
+
+  return examples
 
 
 def train_dataset(source: sources.Source, config: ml_collections.ConfigDict, *, process_index: int,
@@ -86,16 +140,12 @@ def train_dataset(source: sources.Source, config: ml_collections.ConfigDict, *, 
   if n == 0:
     raise sources.InputError(f'this process got no training examples of {config.data.name}: use a '
                      'larger split or fewer processes.')
-  repeats = max(1, int(config.aug.get('repeated_aug', 1)))
-  epoch_records = _epoch_records(
-      source, seed=config.seed, process_index=process_index,
-      shuffle_buffer=config.data.shuffle_buffer, repeats=repeats,
-      window=max(1, local_batch // repeats))
-  transform = _augment_fn(config, process_index, canvas)
-  check_some_decode(source, transform, config)
-  ds = tf.data.Dataset.range(start // n, _MAX_EPOCHS).flat_map(epoch_records)
-  ds = ds.skip(start % n)
-  ds = skip_undecodable(ds, transform)
+  check_some_decode(source, _augment_fn(config, process_index, canvas), config)
+  examples = _epoch_examples(source, config, process_index=process_index,
+                             local_batch=local_batch, canvas=canvas)
+  first, skip = divmod(start, n)
+  ds = examples(first, skip).concatenate(
+      tf.data.Dataset.range(first + 1, _MAX_EPOCHS).flat_map(examples))
   if canvas:
     # Windows of any size, zero-padded into the canvas as they are batched.
     shapes = {k: [canvas, canvas, 3] if k == 'image' else v.shape
@@ -140,13 +190,14 @@ def skip_undecodable(ds: tf.data.Dataset, augment: Callable) -> tf.data.Dataset:
 
 def _augment_fn(config: ml_collections.ConfigDict, process_index: int,
                 canvas: int = 0) -> Callable:
-  """(epoch, position, record) -> {'image', 'label', 'example_id'[, 'window']}: the host's
-  part of the train transform (`preprocess.train_crop`, or `train_window` with a `canvas`),
-  seeded by the record's place in this process's stream, and that place for the device's part."""
+  """(augment_key, epoch, position, record) -> {'image', 'label', 'example_id'[, 'window']}:
+  the host's part of the train transform (`preprocess.train_crop`, or `train_window` with a
+  `canvas`), seeded by the record's place in this process's stream (`augment_key`: the epoch's
+  `_key(seed, process_index, epoch, _AUGMENT)`), and that place for the device's part."""
   size = config.model.image_size
 
-  def augment(epoch, position, record):
-    key = _key(config.seed, process_index, epoch, _AUGMENT, position)
+  def augment(augment_key, epoch, position, record):
+    key = _key(position, key=augment_key)
     example_id = tf.cast(tf.stack([tf.cast(process_index, tf.int64), epoch, position]), tf.int32)
     out = {'label': tf.cast(record['label'], tf.int32), 'example_id': example_id}
     if not canvas:
@@ -163,8 +214,9 @@ def check_some_decode(source: sources.Source, augment: Callable,
   """Raises InputError when none of the first `_PROBE_RECORDS` records (in file order) gets
   through `augment`, the train transform (`_augment_fn`): skipping every image would leave the
   train stream waiting forever. Costs one transformed image on readable data."""
+  epoch = tf.constant(0, tf.int64)
   probe = source.read(None).take(_PROBE_RECORDS).enumerate().map(
-      lambda position, record: augment(tf.constant(0, tf.int64), position, record))
+      lambda position, record: augment(_key(0), epoch, position, record))
   if not any(True for _ in probe.ignore_errors().take(1)):
     raise sources.InputError(_undecodable(config, f'none of the first '
                                   f'{min(source.num_examples, _PROBE_RECORDS)} training images'))

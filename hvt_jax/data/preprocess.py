@@ -1,7 +1,8 @@
 """The host's part of the DeiT/HVT (timm 0.3.2) image transforms, in TF: decode, crop, resize.
 
 `train_crop` decodes timm's random-resized-crop window and resizes it to a uint8 S x S image;
-`train_window` decodes it only, for the device to resize (`hvt_jax.data.device_resize`). The
+`train_window` decodes it only, for the device to resize (`hvt_jax.data.device_resize`);
+`decoded_windows` decodes an image once for several windows (repeated augmentation). The
 rest of the train transform (flip, RandAugment, normalization, random erasing) runs on the
 device, inside the train step (`hvt_jax.data.augment`). `eval_crop` resizes and center-crops
 to uint8; `eval_image` (predict) normalizes that on the host. Both take encoded image bytes (a
@@ -55,20 +56,50 @@ def train_window(image: tf.Tensor, seed: tf.Tensor, *, size: int, canvas: int,
   A window larger than `canvas` on either side (the side the batch pads windows to) is resized
   here instead: it comes as (size, size, 3), which the device's resize leaves as it is.
   """
-  x = _random_window(image, seed, aug)
+  return finish_window(_random_window(image, seed, aug), size=size, canvas=canvas, aug=aug)
+
+
+def finish_window(x: tf.Tensor, *, size: int, canvas: int,
+                  aug: Any) -> tuple[tf.Tensor, tf.Tensor]:
+  """(a decoded window as `train_window` gives it, its int32 (h, w)): as it is if it fits the
+  canvas, else resized to (size, size, 3)."""
   x = tf.cond(tf.reduce_all(tf.shape(x)[:2] <= canvas), lambda: x,
               lambda: resize(x, size, size, aug['interpolation']))
   return x, tf.shape(x)[:2]
 
 
-def _random_window(image: tf.Tensor, seed: tf.Tensor, aug: Any) -> tf.Tensor:
-  """The decoded uint8 window of `crop_window`, drawn from `seed`."""
+@tf.autograph.experimental.do_not_convert
+def decoded_windows(image: tf.Tensor, seeds: tf.Tensor, *,
+                    aug: Any) -> tuple[tf.Tensor, tf.Tensor]:
+  """(the whole image as uint8 (H, W, 3), int32 (k, 4): the (top, left, height, width) of the
+  window `crop_window` draws from each of `seeds`, (k, 2)), for k crops of one decode.
+
+  Repeated augmentation's copies of an image are cut from this. Decoding it whole costs about
+  what decoding the bounding box of their windows would, and gives exactly a whole decode's
+  pixels (what PIL decodes), where a decoded window can differ by a few levels at its edges:
+  libjpeg's chroma upsampling there lacks the pixels past them.
+  """
   check_crop_settings(aug)
+  image = tf.convert_to_tensor(image)
+  x = _decode(image) if image.dtype == tf.string else _to_rgb(image)
+  height, width = tf.shape(x)[0], tf.shape(x)[1]
+  windows = [tf.stack(crop_window(height, width, _crop_seed(seed), scale=tuple(aug['crop_scale']),
+                                  ratio=tuple(aug['crop_ratio'])))
+             for seed in tf.unstack(seeds, num=seeds.shape[0])]
+  return x, tf.stack(windows)
+
+
+def _crop_seed(seed: tf.Tensor) -> tf.Tensor:
   # int64 throughout, so an int32 seed with the same numbers gives the same image. The crop
   # takes the first of four streams, as it did when the host also drew flip, RandAugment and
   # erasing from the others: the same seed still gives the same window.
-  crop_seed = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)[0]
-  window_fn = functools.partial(crop_window, seed=crop_seed, scale=tuple(aug['crop_scale']),
+  return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)[0]
+
+
+def _random_window(image: tf.Tensor, seed: tf.Tensor, aug: Any) -> tf.Tensor:
+  """The decoded uint8 window of `crop_window`, drawn from `seed`."""
+  check_crop_settings(aug)
+  window_fn = functools.partial(crop_window, seed=_crop_seed(seed), scale=tuple(aug['crop_scale']),
                                 ratio=tuple(aug['crop_ratio']))
   return _decode_cropped(tf.convert_to_tensor(image), window_fn)
 
