@@ -11,7 +11,8 @@ batches. "With" is the paper recipe (`--randaugment`, `--random_erase`, flip); "
 flip, RandAugment and erasing off, so what is left of the augmentation is the normalization.
 With `--canvas=C` the "with" side also resizes each example's window from a C x C canvas to
 S x S first (`device_resize`, what the step does on a GPU or TPU), and the "without" side takes
-S x S images as a host that resizes gives them.
+S x S images as a host that resizes gives them; the eval step is then also compared on C x C
+canvases (resized and center-cropped on the device) and on S x S images.
 Steps are timed interleaved (`--repeats` rounds of `--steps` steps each, after warm-up), and the
 medians are compared. FLOPs come from XLA's cost analysis of the step with every block unrolled
 (a loop body counts once), and of `augment.train_images` alone, per image.
@@ -107,6 +108,45 @@ def augment_flops_per_image(config, canvas: int) -> float:
   return timing.xla_cost(fn.lower(*args)).get('flops', float('nan')) / FLAGS.batch
 
 
+def eval_cost(config, mesh, canvas: int) -> None:
+  """Prints what the eval step's resize and center crop from `canvas`-sided canvases
+  (`device_resize.eval_crops`, as on a GPU or TPU) add to it: FLOPs and step time, against the
+  same step on S x S images a host that crops gives it."""
+  model, tx, schedule = timing.train_parts(config)
+  spec = sharding.batch_sharding(mesh)
+  mask = jax.ShapeDtypeStruct((FLAGS.batch,), np.int32, sharding=spec)
+  sides = {'canvas': canvas, 'S x S': 0}
+  batches = {k: {**timing.abstract_batch(FLAGS.batch, model.image_size, spec, c), 'mask': mask}
+             for k, c in sides.items()}
+  flops = {k: timing.unrolled_train_flops(model, tx, schedule, config, mesh, b, step='eval')
+           for k, b in batches.items()}
+  print(f'eval step FLOPs (XLA, unrolled): from {canvas}x{canvas} canvases '
+        f'{flops["canvas"] / 1e9:.2f} G, S x S {flops["S x S"] / 1e9:.2f} G: '
+        f'+{100 * (flops["canvas"] / flops["S x S"] - 1):.2f}%')
+  if not FLAGS.steps:
+    return
+  state, shardings = train_step.create_state(model, tx, jax.random.key(0), ema=True, mesh=mesh)
+  _, p_eval = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
+  ones = jax.device_put(np.ones(FLAGS.batch, np.int32), spec)
+  data = {k: {**timing.random_batch(FLAGS.batch, model.image_size, model.num_classes, spec,
+                                    canvas=c), 'mask': ones} for k, c in sides.items()}
+
+  def seconds(k):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      out = p_eval(state.params, data[k])
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / FLAGS.steps
+
+  for k in sides:  # warm-up (compiles)
+    seconds(k)
+  rounds = [{k: seconds(k) for k in sides} for _ in range(FLAGS.repeats)]
+  median = {k: statistics.median(r[k] for r in rounds) for k in sides}
+  print(f'eval step wall time (median of {FLAGS.repeats} x {FLAGS.steps}): from canvases '
+        f'{median["canvas"] * 1e3:.0f} ms, S x S {median["S x S"] * 1e3:.0f} ms: '
+        f'+{100 * (median["canvas"] / median["S x S"] - 1):.1f}%')
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -122,6 +162,8 @@ def main(argv):
         f'{flops["without"] / 1e9:.2f} G: +{100 * (flops["with"] / flops["without"] - 1):.2f}%')
   print(f'augmentation alone (train_images): {aug_flops / 1e6:.1f} MFLOP per image, '
         f'{100 * aug_flops * FLAGS.batch / flops["without"]:.2f}% of the step without it')
+  if FLAGS.canvas:
+    eval_cost(sides['without'].config, mesh, FLAGS.canvas)
   if not FLAGS.steps:
     return
   times = {k: [] for k in sides}

@@ -10,8 +10,9 @@
 It times the real tf.data pipelines of `input_pipeline` (read, shuffle, decode-and-crop, resize,
 skip-and-fill, batch) up to host numpy uint8 batches; device transfer and the augmentation the
 train step does on the device are left out. `--resize_on=device` (the default, what training
-on a GPU or TPU does): the host decodes each window into a canvas and the device resizes it;
-`host`: the host resizes to S x S too, as training on a CPU backend does. The number of
+on a GPU or TPU does): the host decodes each train window, and each eval image whole, into a
+canvas, and the device resizes (and for eval center-crops) it; `host`: the host resizes to
+S x S too, as training on a CPU backend does. The number of
 tf.data threads is fixed (`--threads`, default: every core), so the per-thread figure tells
 how many cores a given accelerator throughput needs. CPU time (every thread of this process)
 per image is the figure that stays meaningful on a busy or shared machine.
@@ -20,8 +21,9 @@ per image is the figure that stays meaningful on a busy or shared machine.
 alone (read, shuffle, number), + decode-and-crop of the window, + the resize to S x S, and the
 whole pipeline; the differences are each piece's cost, the rest is tf.data's (skipping and
 filling undecodable records, batching, and with the resize on the device the padding into
-canvases and the host resize of windows larger than the canvas). The pieces decode one window
-per example; with repeated augmentation (`--recipe=paper`) the whole pipeline decodes an
+canvases and the host resize of windows larger than the canvas). Last, the rate of batching
+alone, a serial stage whose rate bounds a process's however many cores decode. The pieces
+decode one window per example; with repeated augmentation (`--recipe=paper`) the whole pipeline decodes an
 image once for its copies, so its line can come out below theirs.
 
 hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~110 KB JPEGs:
@@ -29,6 +31,7 @@ hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -68,9 +71,10 @@ def config_for_run():
   return config
 
 
-def canvas_of(config) -> int:
-  """The canvas the train batches pad windows into (0: resized on the host), as on a GPU."""
-  return augment.window_canvas(config.aug, config.model.image_size, 'gpu')
+def canvas_of(config, interpolation: str | None = None) -> int:
+  """The canvas the train batches pad windows into (0: resized on the host), as on a GPU; with
+  the eval transform's `interpolation`, the eval batches' canvas."""
+  return augment.window_canvas(config.aug, config.model.image_size, 'gpu', interpolation)
 
 
 def images_per_sec(dataset, batch: int) -> tuple[float, float]:
@@ -127,6 +131,19 @@ def breakdown(source, config) -> None:
     _, cpu_ms = images_per_sec(ds, FLAGS.batch)
     print(f'  {name:40s} {cpu_ms:5.2f} CPU ms per image (+{cpu_ms - previous:5.2f})')
     previous = cpu_ms
+  # Batching is one serial stage, whatever the threads: its rate bounds a process's. Timed on
+  # a batch of decoded crops held in memory, batched over and over as the pipeline batches.
+  canvas = canvas_of(config)
+  crop = ((lambda e, p, r: window(e, p, r)) if canvas else
+          (lambda e, p, r: preprocess.resize(window(e, p, r), size, size, aug.interpolation)))
+  crops = records.take(FLAGS.batch).map(lambda e, p, r: {'image': crop(e, p, r)})
+  crops = crops.map(lambda c: {**c, 'window': tf.shape(c['image'])[:2]} if canvas else c)
+  # pylint: disable-next=protected-access
+  batched = input_pipeline._batch(crops.cache().repeat(), FLAGS.batch, canvas,
+                                  drop_remainder=True).with_options(options)
+  rate, _ = images_per_sec(batched, FLAGS.batch)
+  what = f'into {canvas}x{canvas} canvases' if canvas else f'of {size}x{size} images'
+  print(f'  batching alone ({what}), a serial stage: {rate:7.0f} images/s at most per process')
 
 
 def main(argv):
@@ -152,9 +169,11 @@ def main(argv):
     return
   train = input_pipeline.train_dataset(train_source, config, process_index=0,
                                        local_batch=FLAGS.batch, canvas=canvas_of(config))
-  # Eval: endless passes, so the measurement can outlast a small split.
-  evals = input_pipeline.eval_dataset(eval_source, config, local_batch=FLAGS.batch).unbatch()
-  evals = evals.repeat().batch(FLAGS.batch).prefetch(2)
+  # Eval: endless passes over the records, so the measurement can outlast a small split and
+  # every batch is full.
+  endless = dataclasses.replace(eval_source, read=lambda key: eval_source.read(key).repeat())
+  evals = input_pipeline.eval_dataset(endless, config, local_batch=FLAGS.batch,
+                                      canvas=canvas_of(config, config.eval.interpolation))
 
   threads = FLAGS.threads
   print(f'data: {what}')

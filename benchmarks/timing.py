@@ -71,15 +71,19 @@ def counts_flops() -> bool:
   return jax.default_backend() != 'gpu'
 
 
-def unrolled_train_flops(model, tx, schedule, config, mesh, abstract: dict) -> float | None:
-  """XLA's FLOPs of the train step with every block unrolled (lowered only, never compiled).
+def unrolled_train_flops(model, tx, schedule, config, mesh, abstract: dict, *,
+                         step: str = 'train') -> float | None:
+  """XLA's FLOPs of the train step (or with step='eval', the eval step) with every block
+  unrolled (lowered only, never compiled).
 
   XLA's cost analysis counts a loop's body once, so scanned blocks would be undercounted.
   """
   unrolled = model.clone(scan_blocks=False)
   state, shardings = train_step.abstract_state(unrolled, tx, ema=True, mesh=mesh)
-  p_train, _ = train_step.jit_steps(unrolled, tx, schedule, config, shardings, mesh)
-  return xla_cost(p_train.lower(state, abstract)).get('flops')
+  p_train, p_eval = train_step.jit_steps(unrolled, tx, schedule, config, shardings, mesh)
+  lowered = (p_train.lower(state, abstract) if step == 'train'
+             else p_eval.lower(state.params, abstract))
+  return xla_cost(lowered).get('flops')
 
 
 def train_parts(config):

@@ -59,10 +59,10 @@ def train_config() -> ml_collections.ConfigDict:
       crop_scale=(0.08, 1.0),  # random-resized-crop area range
       crop_ratio=(3 / 4, 4 / 3),
       interpolation='bicubic',
-      # Where the crop window is resized to image_size: 'device' (inside the train step: the
-      # host only decodes), 'host', or 'auto' (the device on GPUs and TPUs, the host on CPU).
-      # For the device the host pads each window into a window_canvas-sided square (uint8);
-      # larger windows are resized on the host.
+      # Where the crop window (and the eval image) is resized to image_size: 'device' (inside
+      # the train and eval steps: the host only decodes), 'host', or 'auto' (the device on GPUs
+      # and TPUs, the host on CPU). For the device the host pads each window or eval image into
+      # a window_canvas-sided square (uint8); larger ones are resized on the host.
       resize_on='auto',
       window_canvas=512,
       flip=True,

@@ -270,3 +270,13 @@ def test_input_speed_times_the_pipeline_with_the_resize_where_asked(where, shape
   lines = [l for l in out.stdout.splitlines() if l.startswith(('train', 'eval'))]
   assert [l.split()[0] for l in lines] == ['train:', 'eval'], out.stdout
   assert all(float(l.split('per thread;')[1].split()[0]) > 0 for l in lines), out.stdout
+
+
+@pytest.mark.parametrize('where, what', [('device', 'into 512x512 canvases'),
+                                         ('host', 'of 32x32 images')])
+def test_input_speed_breakdown_ends_with_the_rate_of_batching_alone(where, what):
+  out = run_benchmark('input_speed.py', '--synthetic', '--image_size=32', '--batch=8',
+                      '--batches=2', '--warmup=1', '--breakdown', f'--resize_on={where}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  line = next((l for l in out.stdout.splitlines() if 'batching alone' in l), '')
+  assert what in line and float(line.split('stage:')[1].split()[0]) > 0, out.stdout

@@ -1,5 +1,6 @@
-"""The train crop's resize on the device: PIL's resize of the window the host decoded into a
-canvas, where the resize happens (`aug.resize_on`), and the canvas batches the host gives."""
+"""The resizes on the device: PIL's resize of the train window or eval image the host decoded
+into a canvas, where the resize happens (`aug.resize_on`), and the canvas batches the host
+gives."""
 import jax
 import numpy as np
 import pytest
@@ -7,9 +8,11 @@ import tensorflow as tf
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from hvt_jax import defaults
+from hvt_jax import defaults, sharding
 from hvt_jax.data import augment, device_resize, input_pipeline, preprocess, sources
 from hvt_jax.errors import UserError
+from hvt_jax.training import train_step
+from tests import tiny_config
 from tests.test_preprocess import PIL_FILTERS, WINDOWS, _encode, _photo, _seed
 
 CANVAS = 640  # the sample photos' windows (up to 427 x 640) fit
@@ -125,3 +128,63 @@ def test_canvas_batches_hold_the_windows_the_host_would_have_resized(resize):
     assert not canvas[h:].any() and not canvas[:, w:].any()  # zero padding
   out = resize(dev['image'], dev['window'], 32, 'bicubic')
   assert np.abs(out.astype(np.int32) - host['image']).max() <= 2
+
+
+# Eval images: (height, width) of the photos' top-left corners, resized to 224 at crop_pct:
+# landscape and portrait, shrinking and enlarging, odd offsets into the resized image.
+EVAL_SHAPES = [(427, 500), (427, 300), (300, 200), (255, 257), (224, 224), (100, 150)]
+
+
+@pytest.mark.parametrize('interpolation, crop_pct', [('bicubic', 0.875), ('bilinear', 1.0),
+                                                     ('lanczos', 0.9)])
+def test_eval_window_then_the_device_crop_is_eval_crop_on_real_photos(interpolation, crop_pct):
+  size, canvas = 224, 512
+  crop = jax.jit(lambda x, hw: device_resize.eval_crops(x, hw, size, crop_pct, interpolation))
+  images = [load_sample_image(photo)[:h, :w] for photo in ('china.jpg', 'flower.jpg')
+            for h, w in EVAL_SHAPES]
+  images.append(load_sample_image('china.jpg'))  # 427 x 640: larger than the canvas
+  settings = dict(size=size, crop_pct=crop_pct, interpolation=interpolation)
+  pairs = [preprocess.eval_window(x, canvas=canvas, **settings) for x in images]
+  hws = np.stack([hw.numpy() for _, hw in pairs])
+  np.testing.assert_array_equal(hws[:-1], [x.shape[:2] for x in images[:-1]])
+  assert tuple(hws[-1]) == (0, 0) and pairs[-1][0].shape == (size, size, 3)  # cropped here
+  out = np.asarray(crop(np.stack([_on_canvas(x.numpy(), canvas, fill_seed=i)
+                                  for i, (x, _) in enumerate(pairs)]), hws))
+  assert out.dtype == np.uint8 and out.shape == (len(images), size, size, 3)
+  for image, ours in zip(images, out):
+    host = preprocess.eval_crop(image, **settings).numpy()
+    # float32 weights on the device, float64 on the host (as for the train crop).
+    diff = np.abs(ours.astype(np.int32) - host)
+    assert diff.max() <= 2 and diff.mean() < 0.01, (image.shape, diff.mean())
+
+
+def test_canvas_eval_batches_go_through_the_eval_step_as_host_batches_do():
+  config = tiny_config.get_config()  # 16 x 16 inputs
+  config.aug.resize_on = 'device'
+  # 40..68 pixels a side; canvas 64: the last image is cropped on the host.
+  images = [_encode(_photo(40 + 2 * i, 54 - i, seed=i), 'JPEG', quality=90) for i in range(11)]
+  images.append(_encode(_photo(68, 30, seed=11), 'PNG'))
+  labels = np.arange(12, dtype=np.int64) % 10
+  source = sources.memory_source(np.array(images, dtype=object), labels)
+  take = lambda canvas: next(input_pipeline.eval_dataset(
+      source, config, local_batch=12, canvas=canvas).as_numpy_iterator())
+  host, dev = take(0), take(64)
+  assert host['image'].shape == (12, 16, 16, 3) and 'window' not in host
+  assert dev['image'].dtype == np.uint8 and dev['image'].shape == (12, 64, 64, 3)
+  np.testing.assert_array_equal(dev['window'][:-1], [[40 + 2 * i, 54 - i] for i in range(11)])
+  assert tuple(dev['window'][-1]) == (0, 0)
+  np.testing.assert_array_equal(dev['label'], host['label'])
+  for canvas, (h, w) in zip(dev['image'][:-1], dev['window'][:-1]):
+    assert not canvas[h:].any() and not canvas[:, w:].any()  # zero padding
+
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  program = train_step.build(config, mesh, 10)
+  params = train_step.place_state(program.model, program.tx, jax.random.key(0), ema=config.ema_decay > 0,
+                                  shardings=program.shardings).params
+  sums = [program.eval_step(params, {**b, 'mask': np.ones(12, np.int32)}) for b in (host, dev)]
+  assert float(sums[1]['count']) == 12 and np.isfinite(float(sums[0]['loss']))
+  np.testing.assert_allclose(float(sums[1]['loss']), float(sums[0]['loss']), rtol=1e-3)
+  assert float(sums[1]['top5']) == float(sums[0]['top5'])
+  # The crops matter: the canvases' top-left corners would score otherwise.
+  corners = {**dev, 'window': np.zeros_like(dev['window']), 'mask': np.ones(12, np.int32)}
+  assert abs(float(program.eval_step(params, corners)['loss']) - float(sums[0]['loss'])) > 1e-3

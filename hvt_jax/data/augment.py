@@ -41,9 +41,10 @@ def check_settings(aug: Any) -> None:
   window_canvas(aug, 1, 'cpu')
 
 
-def window_canvas(aug: Any, size: int, platform: str) -> int:
+def window_canvas(aug: Any, size: int, platform: str, interpolation: str | None = None) -> int:
   """The canvas side the host pads each train crop window to, for the device to resize it to
-  S = `size`; 0: the host resizes to S x S itself.
+  S = `size`; 0: the host resizes to S x S itself. With the eval transform's `interpolation`
+  (default: the train crop's, `aug.interpolation`), the same for eval images.
 
   `aug.resize_on`: 'device', 'host', or 'auto': the device on accelerators, the host on a CPU
   backend (where the "device" is the host's own cores, and the host's banded TF resize costs
@@ -58,7 +59,7 @@ def window_canvas(aug: Any, size: int, platform: str) -> int:
   if canvas <= 0:
     raise AugmentConfigError(f'aug.window_canvas={canvas}: resizing on the device needs a canvas '
                              'side, e.g. 512 (or set aug.resize_on=host).')
-  if filters.FILTERS.get(aug['interpolation']) is None:
+  if filters.FILTERS.get(interpolation or aug['interpolation']) is None:
     return 0
   return max(canvas, size)
 

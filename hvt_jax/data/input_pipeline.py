@@ -6,7 +6,8 @@ and decodes only the crop it keeps (`preprocess.train_crop` on the JPEG bytes). 
 decodes, crops and resizes: batches leave it as uint8, and the rest of the train transform runs
 on the device, seeded by each example's 'example_id' (`hvt_jax.data.augment`). On
 accelerators the host leaves the resize to the device too (`augment.window_canvas`): a batch
-then holds each decoded window at the top left of a canvas, with its size as 'window'.
+then holds each decoded window (or eval image) at the top left of a canvas, with its size as
+'window'.
 
 Train order is a pure function of (config.seed, process index, epoch): every epoch gets its own
 file order and shuffle seed, and example i of epoch e its own augmentation seed. So the stream
@@ -146,14 +147,7 @@ def train_dataset(source: sources.Source, config: ml_collections.ConfigDict, *, 
   first, skip = divmod(start, n)
   ds = examples(first, skip).concatenate(
       tf.data.Dataset.range(first + 1, _MAX_EPOCHS).flat_map(examples))
-  if canvas:
-    # Windows of any size, zero-padded into the canvas as they are batched.
-    shapes = {k: [canvas, canvas, 3] if k == 'image' else v.shape
-              for k, v in ds.element_spec.items()}
-    ds = ds.padded_batch(local_batch, padded_shapes=shapes, drop_remainder=True)
-  else:
-    ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.map(fill_skipped)
+  ds = _batch(ds, local_batch, canvas, drop_remainder=True).map(fill_skipped)
   return ds.with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -247,21 +241,41 @@ def fill_skipped(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 
 def eval_dataset(source: sources.Source, config: ml_collections.ConfigDict, *,
-                 local_batch: int) -> tf.data.Dataset:
+                 local_batch: int, canvas: int = 0) -> tf.data.Dataset:
   """One pass of local batches {'image': uint8 (b, S, S, 3), 'label'} (and 'real' where the
-  dataset has it); the last one may be short. The device normalizes the images."""
+  dataset has it); the last one may be short. The device normalizes the images.
+
+  `canvas` > 0: the resize and crop are left to the device, and 'image' is uint8 (b, canvas,
+  canvas, 3), each whole image at the top left, with its (height, width) in 'window': int32
+  (b, 2), or (0, 0) for an image larger than the canvas, cropped here (`preprocess.eval_window`).
+  """
   transform = input_spec.eval_transform(config.eval)
+  settings = dict(size=config.model.image_size, crop_pct=transform['crop_pct'],
+                  interpolation=transform['interpolation'])
 
   def prepare(record):
-    image = preprocess.eval_crop(record['image'], size=config.model.image_size,
-                                 crop_pct=transform['crop_pct'],
-                                 interpolation=transform['interpolation'])
-    out = {'image': image, 'label': tf.cast(record['label'], tf.int32)}
+    out = {'label': tf.cast(record['label'], tf.int32)}
+    if canvas:
+      out['image'], out['window'] = preprocess.eval_window(record['image'], canvas=canvas,
+                                                           **settings)
+    else:
+      out['image'] = preprocess.eval_crop(record['image'], **settings)
     return {**out, 'real': record['real']} if 'real' in record else out
 
   ds = source.read(None)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(local_batch).with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
+  return _batch(ds, local_batch, canvas).with_options(_options(config)).prefetch(tf.data.AUTOTUNE)
+
+
+def _batch(ds: tf.data.Dataset, local_batch: int, canvas: int, *,
+           drop_remainder: bool = False) -> tf.data.Dataset:
+  if not canvas:
+    return ds.batch(local_batch, drop_remainder=drop_remainder)
+  # Images of any size, zero-padded into the canvas as they are batched: one copy, where
+  # padding each image in the map would cost a canvas-sized copy more (docs/performance.md).
+  shapes = {k: [canvas, canvas, 3] if k == 'image' else v.shape
+            for k, v in ds.element_spec.items()}
+  return ds.padded_batch(local_batch, padded_shapes=shapes, drop_remainder=drop_remainder)
 
 
 def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
@@ -350,6 +364,8 @@ def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   source = sources.split_source(config, dataset, config.data.eval_split, index, count)
   # even_splits gives the first (total % count) processes one extra example.
   num_batches = math.ceil(math.ceil(total / count) / local_batch)
-  ds = eval_dataset(source, config, local_batch=local_batch)
+  canvas = augment.window_canvas(config.aug, config.model.image_size,
+                                 mesh.devices.flat[0].platform, config.eval.interpolation)
+  ds = eval_dataset(source, config, local_batch=local_batch, canvas=canvas)
   return feeding.EvalIterator(ds, sharding.batch_sharding(mesh), local_batch=local_batch,
                       num_batches=num_batches, num_examples=total, undecodable=source.undecodable)

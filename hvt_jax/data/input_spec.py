@@ -7,6 +7,7 @@ and model dirs use these settings without the input pipeline.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,3 +25,22 @@ def eval_transform(eval_group=None) -> dict[str, Any]:
   e = IMAGENET_EVAL if eval_group is None else eval_group
   return dict(crop_pct=float(e['crop_pct']), interpolation=str(e['interpolation']),
               mean=[float(m) for m in e['mean']], std=[float(s) for s in e['std']])
+
+
+def eval_geometry(height, width, size: int, crop_pct: float, xp):
+  """(new_h, new_w, top, left): torchvision's Resize(floor(size / crop_pct)) of a height x width
+  image (the shorter side becomes that, the longer one truncates), then CenterCrop(size)'s
+  offsets in it, rounded half to even as torchvision rounds them. For the host's resize
+  (`preprocess.eval_crop`, xp = tensorflow) and the device's (`device_resize.eval_crops`,
+  xp = jax.numpy) alike, on integer scalars.
+  """
+  scale = int(math.floor(size / crop_pct))
+  new_h = xp.where(height <= width, scale, scale * height // width)
+  new_w = xp.where(height <= width, scale * width // height, scale)
+  return new_h, new_w, _half_to_even(new_h - size), _half_to_even(new_w - size)
+
+
+def _half_to_even(d):
+  """round(d / 2), half to even, for integers d >= 0."""
+  half = d // 2
+  return half + d % 2 * (half % 2)

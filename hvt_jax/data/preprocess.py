@@ -5,7 +5,8 @@
 `decoded_windows` decodes an image once for several windows (repeated augmentation). The
 rest of the train transform (flip, RandAugment, normalization, random erasing) runs on the
 device, inside the train step (`hvt_jax.data.augment`). `eval_crop` resizes and center-crops
-to uint8; `eval_image` (predict) normalizes that on the host. Both take encoded image bytes (a
+to uint8, or `eval_window` only decodes, for the device to do that; `eval_image` (predict)
+normalizes `eval_crop`'s on the host. All take encoded image bytes (a
 scalar tf.string) or a uint8 (H, W, C) tensor. Training randomness is stateless and comes only
 from the `seed` argument, so tf.data may run the transform in any order or in parallel.
 
@@ -22,7 +23,7 @@ from typing import Any, Callable, Sequence
 import tensorflow as tf
 
 # One error class for bad augmentation settings, on the host and on the device alike.
-from hvt_jax.data import filters
+from hvt_jax.data import filters, input_spec
 from hvt_jax.data.augment import AugmentConfigError
 
 _ATTEMPTS = 10  # timm's tries for the crop window
@@ -80,8 +81,7 @@ def decoded_windows(image: tf.Tensor, seeds: tf.Tensor, *,
   libjpeg's chroma upsampling there lacks the pixels past them.
   """
   check_crop_settings(aug)
-  image = tf.convert_to_tensor(image)
-  x = _decode(image) if image.dtype == tf.string else _to_rgb(image)
+  x = _decode_whole(image)
   height, width = tf.shape(x)[0], tf.shape(x)[1]
   windows = [tf.stack(crop_window(height, width, _crop_seed(seed), scale=tuple(aug['crop_scale']),
                                   ratio=tuple(aug['crop_ratio'])))
@@ -114,24 +114,48 @@ def check_crop_settings(aug: Any) -> None:
 @tf.autograph.experimental.do_not_convert
 def eval_crop(image: tf.Tensor, *, size: int, crop_pct: float, interpolation: str) -> tf.Tensor:
   """Resize the shorter side to floor(size / crop_pct), center crop size x size: uint8."""
+  check_eval_settings(crop_pct, interpolation)
+  return _eval_crop(_decode_whole(image), size, crop_pct, interpolation)
+
+
+@tf.autograph.experimental.do_not_convert
+def eval_window(image: tf.Tensor, *, size: int, canvas: int, crop_pct: float,
+                interpolation: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """`eval_crop` with the resize left to the device: (the whole decoded image, uint8 (H, W, 3),
+  and int32 (H, W)), for `device_resize.eval_crops` to resize and crop to (size, size, 3).
+
+  An image larger than `canvas` on either side (the side the batch pads images to) is cropped
+  here instead: it comes as `eval_crop`'s (size, size, 3) with (0, 0), which the device takes
+  as it is.
+  """
+  check_eval_settings(crop_pct, interpolation)
+  x = _decode_whole(image)
+  fits = tf.reduce_all(tf.shape(x)[:2] <= canvas)
+  x = tf.cond(fits, lambda: x, lambda: _eval_crop(x, size, crop_pct, interpolation))
+  return x, tf.where(fits, tf.shape(x)[:2], 0)
+
+
+def check_eval_settings(crop_pct: float, interpolation: str) -> None:
+  """Raises AugmentConfigError for eval settings `eval_crop` cannot use."""
   _check_interpolation(interpolation)
   if not 0 < crop_pct <= 1:
     raise AugmentConfigError(f'eval crop_pct={crop_pct} must lie in (0, 1]; the recipe uses '
                              '0.875 (resize to 256, crop 224).')
-  image = tf.convert_to_tensor(image)
-  x = _decode(image) if image.dtype == tf.string else _to_rgb(image)
-  scale = int(math.floor(size / crop_pct))
-  height, width = tf.shape(x)[0], tf.shape(x)[1]
-  # torchvision's Resize(int): the shorter side becomes `scale`, the longer one truncates.
-  new_h = tf.where(height <= width, scale, scale * height // width)
-  new_w = tf.where(height <= width, scale * width // height, scale)
-  # torchvision's CenterCrop rounds the offsets half to even, as tf.round does.
-  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
+
+
+def _eval_crop(x: tf.Tensor, size: int, crop_pct: float, interpolation: str) -> tf.Tensor:
+  new_h, new_w, top, left = input_spec.eval_geometry(tf.shape(x)[0], tf.shape(x)[1], size,
+                                                     crop_pct, tf)
   # Only the kept rows and columns of the resized image are computed: each output pixel
   # depends on its own position alone, so they equal the full resize's, cropped.
   x = resize(x, new_h, new_w, interpolation, first=(top, left), count=(size, size))
   return tf.ensure_shape(x, [size, size, 3])
+
+
+def _decode_whole(image: tf.Tensor) -> tf.Tensor:
+  """Encoded bytes or a uint8 (H, W, C) tensor -> the whole image, uint8 (H, W, 3)."""
+  image = tf.convert_to_tensor(image)
+  return _decode(image) if image.dtype == tf.string else _to_rgb(image)
 
 
 @tf.autograph.experimental.do_not_convert

@@ -81,18 +81,19 @@ def _abstract(tree, shardings):
 
 
 def _batch(size: int, image_size: int, mesh, *, train: bool, canvas: int = 0) -> dict:
-  """The input pipeline's global batch: uint8 NHWC images and int32 labels; a train batch also
-  has each example's id (its augmentation's seed) and whether it decoded ('ok'), and with a
-  `canvas` (the resize left to the device) canvas-sized images and each window's size; an eval
-  batch has the mask of its padding."""
+  """The input pipeline's global batch: uint8 NHWC images and int32 labels, and with a `canvas`
+  (the resize left to the device) canvas-sized images with each one's size ('window'). A train
+  batch also has each example's id (its augmentation's seed) and whether it decoded ('ok'); an
+  eval batch has the mask of its padding."""
   placed = sharding.batch_sharding(mesh)
   shape = lambda *s, dtype: jax.ShapeDtypeStruct((size, *s), dtype, sharding=placed)
   side = canvas or image_size
   batch = {'image': shape(side, side, 3, dtype=jnp.uint8), 'label': shape(dtype=jnp.int32)}
+  if canvas:
+    batch['window'] = shape(2, dtype=jnp.int32)
   if not train:
     return {**batch, 'mask': shape(dtype=jnp.int32)}
-  batch = {**batch, 'example_id': shape(3, dtype=jnp.int32), 'ok': shape(dtype=jnp.bool_)}
-  return {**batch, 'window': shape(2, dtype=jnp.int32)} if canvas else batch
+  return {**batch, 'example_id': shape(3, dtype=jnp.int32), 'ok': shape(dtype=jnp.bool_)}
 
 
 # How the TPU compiler refuses a program that cannot fit: the memory it needs (its
@@ -172,7 +173,9 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list,
                                      devices=devices)})
   if 'eval' in steps:
     args = (_abstract(state.params, shardings.params),
-            _batch(config.eval_batch_size, model.image_size, mesh, train=False))
+            _batch(config.eval_batch_size, model.image_size, mesh, train=False,
+                   canvas=augment.window_canvas(config.aug, model.image_size,
+                                                devices[0].platform, config.eval.interpolation)))
     rows.append({**common, **measure('eval', p_eval, args, batch=config.eval_batch_size,
                                      devices=devices)})
   return rows

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hvt_jax.data import augment, mixup
+from hvt_jax.data import augment, device_resize, input_spec, mixup
 from hvt_jax import sharding
 from hvt_jax import model as model_lib
 from hvt_jax.errors import UserError
@@ -249,12 +249,18 @@ def choose(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def eval_step(params, batch, *, model, mean, std) -> dict[str, jax.Array]:
+def eval_step(params, batch, *, model, transform) -> dict[str, jax.Array]:
   """Sums over the real (mask 1) examples of a padded batch: top-1/top-5 hits, loss, count.
 
-  `batch['image']`: uint8, normalized here with `mean`, `std` (config.eval's).
+  `batch['image']`: uint8, normalized here with `transform`'s mean and std (config.eval's, as
+  `input_spec.eval_transform` gives them). With a 'window' the images are canvases, resized
+  and center-cropped here first (`device_resize.eval_crops`).
   """
-  images = augment.normalize(_uint8_images(batch, needs_ids=False), mean, std)
+  images = _uint8_images(batch, needs_ids=False)
+  if 'window' in batch:
+    images = device_resize.eval_crops(images, batch['window'], model.image_size,
+                                      transform['crop_pct'], transform['interpolation'])
+  images = augment.normalize(images, transform['mean'], transform['std'])
   logits = model.apply({'params': params}, images).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   k = min(5, logits.shape[-1])
@@ -287,8 +293,8 @@ def jit_steps(model, tx, schedule, config, shardings, mesh):
                         augment_rounds=augment_rounds(config.batch_size, mesh.size)),
       in_shardings=(shardings, batch), out_shardings=(shardings, replicated), donate_argnums=0,
       compiler_options=_train_compiler_options(mesh))
-  evaluate = jax.jit(functools.partial(eval_step, model=model, mean=tuple(config.eval.mean),
-                                       std=tuple(config.eval.std)),
+  evaluate = jax.jit(functools.partial(eval_step, model=model,
+                                       transform=input_spec.eval_transform(config.eval)),
                      in_shardings=(shardings.params, batch), out_shardings=replicated)
   return train, evaluate
 
