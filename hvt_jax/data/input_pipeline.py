@@ -98,9 +98,8 @@ def _epoch_examples(source: sources.Source, config: ml_collections.ConfigDict, *
       x, hw = preprocess.finish_window(x, size=size, canvas=canvas, aug=aug)
     else:
       # A placeholder (an undecodable image) has an empty window: nothing to resize.
-      x = tf.ensure_shape(tf.cond(c['ok'], lambda: preprocess.resize(x, size, size,
-                                                                     aug.interpolation),
-                                  lambda: tf.zeros([size, size, 3], tf.uint8)), [size, size, 3])
+      x = tf.cond(c['ok'], lambda: preprocess.resize_window(x, size=size, aug=aug),
+                  lambda: tf.zeros([size, size, 3], tf.uint8))
     out = {'image': x, 'label': c['label'], 'example_id': c['example_id'], 'ok': c['ok']}
     return {**out, 'window': hw} if canvas else out
 
@@ -208,9 +207,9 @@ def check_some_decode(source: sources.Source, augment: Callable,
   """Raises InputError when none of the first `_PROBE_RECORDS` records (in file order) gets
   through `augment`, the train transform (`_augment_fn`): skipping every image would leave the
   train stream waiting forever. Costs one transformed image on readable data."""
-  epoch = tf.constant(0, tf.int64)
+  epoch, key = tf.constant(0, tf.int64), _key(0)
   probe = source.read(None).take(_PROBE_RECORDS).enumerate().map(
-      lambda position, record: augment(_key(0), epoch, position, record))
+      lambda position, record: augment(key, epoch, position, record))
   if not any(True for _ in probe.ignore_errors().take(1)):
     raise sources.InputError(_undecodable(config, f'none of the first '
                                   f'{min(source.num_examples, _PROBE_RECORDS)} training images'))

@@ -44,7 +44,12 @@ def train_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int, aug: Any) -> tf.
   `seed`: shape (2,) int32/int64. `aug`: the config's `aug` section (a ConfigDict or dict); its
   crop_scale, crop_ratio and interpolation are used here, the rest on the device.
   """
-  x = _random_window(image, seed, aug)
+  return resize_window(_random_window(image, seed, aug), size=size, aug=aug)
+
+
+def resize_window(x: tf.Tensor, *, size: int, aug: Any) -> tf.Tensor:
+  """A decoded uint8 window resized to (size, size, 3) with `aug.interpolation`: the end of
+  `train_crop`, for a window cut from a whole decode (repeated augmentation) too."""
   return tf.ensure_shape(resize(x, size, size, aug['interpolation']), [size, size, 3])
 
 
@@ -65,7 +70,7 @@ def finish_window(x: tf.Tensor, *, size: int, canvas: int,
   """(a decoded window as `train_window` gives it, its int32 (h, w)): as it is if it fits the
   canvas, else resized to (size, size, 3)."""
   x = tf.cond(tf.reduce_all(tf.shape(x)[:2] <= canvas), lambda: x,
-              lambda: resize(x, size, size, aug['interpolation']))
+              lambda: resize_window(x, size=size, aug=aug))
   return x, tf.shape(x)[:2]
 
 
