@@ -69,7 +69,7 @@ class Side:
     spec = sharding.batch_sharding(mesh)
     self.canvas = canvas = FLAGS.canvas if augmented else 0
     abstract = timing.abstract_batch(FLAGS.batch, model.image_size, spec, canvas)
-    self.flops = float(timing.unrolled_train_flops(model, tx, schedule, config, mesh, abstract)
+    self.flops = float(timing.unrolled_step_flops(model, tx, schedule, config, mesh, abstract)
                        or float('nan'))
     self.train = None
     if FLAGS.steps:
@@ -118,7 +118,7 @@ def eval_cost(config, mesh, canvas: int) -> None:
   sides = {'canvas': canvas, 'S x S': 0}
   batches = {k: {**timing.abstract_batch(FLAGS.batch, model.image_size, spec, c), 'mask': mask}
              for k, c in sides.items()}
-  flops = {k: timing.unrolled_train_flops(model, tx, schedule, config, mesh, b, step='eval')
+  flops = {k: timing.unrolled_step_flops(model, tx, schedule, config, mesh, b, step='eval')
            for k, b in batches.items()}
   print(f'eval step FLOPs (XLA, unrolled): from {canvas}x{canvas} canvases '
         f'{flops["canvas"] / 1e9:.2f} G, S x S {flops["S x S"] / 1e9:.2f} G: '

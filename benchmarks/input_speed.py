@@ -23,8 +23,8 @@ whole pipeline; the differences are each piece's cost, the rest is tf.data's (sk
 filling undecodable records, batching, and with the resize on the device the padding into
 canvases and the host resize of windows larger than the canvas). Last, the rate of batching
 alone, a serial stage whose rate bounds a process's however many cores decode. The pieces
-decode one window per example; with repeated augmentation (`--recipe=paper`) the whole pipeline decodes an
-image once for its copies, so its line can come out below theirs.
+decode one window per example; with repeated augmentation (`--recipe=paper`) the whole
+pipeline decodes an image once for its copies, so its line can come out below theirs.
 
 hvt_digits images are 32x32, so decoding them costs nothing next to ImageNet's ~110 KB JPEGs:
 `--synthetic` encodes photo-like 500x375 JPEGs of about that size in memory instead.
@@ -71,10 +71,9 @@ def config_for_run():
   return config
 
 
-def canvas_of(config, interpolation: str | None = None) -> int:
-  """The canvas the train batches pad windows into (0: resized on the host), as on a GPU; with
-  the eval transform's `interpolation`, the eval batches' canvas."""
-  return augment.window_canvas(config.aug, config.model.image_size, 'gpu', interpolation)
+def canvas_of(config) -> int:
+  """The canvas the train batches pad windows into (0: resized on the host), as on a GPU."""
+  return augment.window_canvas(config.aug, config.model.image_size, 'gpu')
 
 
 def images_per_sec(dataset, batch: int) -> tuple[float, float]:
@@ -95,8 +94,7 @@ def images_per_sec(dataset, batch: int) -> tuple[float, float]:
 
 def breakdown(source, config) -> None:
   """CPU ms per image of the train stream cut after each piece, on one tf.data thread."""
-  size = config.model.image_size
-  aug = config.aug
+  size, aug, canvas = config.model.image_size, config.aug, canvas_of(config)
   # The record stream as the pipeline reads it, one record per example (no repeated
   # augmentation: the pieces are one decode each), numbered within its epoch.
   records = tf.data.Dataset.range(2 ** 40).flat_map(
@@ -118,13 +116,13 @@ def breakdown(source, config) -> None:
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   # Mapped as the pipeline maps (parallel calls on the private pool, in order).
-  if canvas_of(config):
+  if canvas:
     del pieces['+ resize']
   timed = {name: records.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
            .batch(FLAGS.batch).with_options(options) for name, fn in pieces.items()}
   config.data.threads = 1
   timed['whole train pipeline'] = input_pipeline.train_dataset(
-      source, config, process_index=0, local_batch=FLAGS.batch, canvas=canvas_of(config))
+      source, config, process_index=0, local_batch=FLAGS.batch, canvas=canvas)
   previous = 0.0
   print(f'train pipeline piece by piece, 1 tf.data thread, {size}x{size}:')
   for name, ds in timed.items():
@@ -133,11 +131,14 @@ def breakdown(source, config) -> None:
     previous = cpu_ms
   # Batching is one serial stage, whatever the threads: its rate bounds a process's. Timed on
   # a batch of decoded crops held in memory, batched over and over as the pipeline batches.
-  canvas = canvas_of(config)
-  crop = ((lambda e, p, r: window(e, p, r)) if canvas else
-          (lambda e, p, r: preprocess.resize(window(e, p, r), size, size, aug.interpolation)))
-  crops = records.take(FLAGS.batch).map(lambda e, p, r: {'image': crop(e, p, r)})
-  crops = crops.map(lambda c: {**c, 'window': tf.shape(c['image'])[:2]} if canvas else c)
+
+  def crop(epoch, position, record):
+    x = window(epoch, position, record)
+    if canvas:
+      return {'image': x, 'window': tf.shape(x)[:2]}
+    return {'image': preprocess.resize_window(x, size=size, aug=aug)}
+
+  crops = records.take(FLAGS.batch).map(crop)
   # pylint: disable-next=protected-access
   batched = input_pipeline._batch(crops.cache().repeat(), FLAGS.batch, canvas,
                                   drop_remainder=True).with_options(options)
@@ -173,7 +174,7 @@ def main(argv):
   # every batch is full.
   endless = dataclasses.replace(eval_source, read=lambda key: eval_source.read(key).repeat())
   evals = input_pipeline.eval_dataset(endless, config, local_batch=FLAGS.batch,
-                                      canvas=canvas_of(config, config.eval.interpolation))
+                                      canvas=augment.eval_canvas(config, 'gpu'))
 
   threads = FLAGS.threads
   print(f'data: {what}')

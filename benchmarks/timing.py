@@ -71,8 +71,8 @@ def counts_flops() -> bool:
   return jax.default_backend() != 'gpu'
 
 
-def unrolled_train_flops(model, tx, schedule, config, mesh, abstract: dict, *,
-                         step: str = 'train') -> float | None:
+def unrolled_step_flops(model, tx, schedule, config, mesh, abstract: dict, *,
+                        step: str = 'train') -> float | None:
   """XLA's FLOPs of the train step (or with step='eval', the eval step) with every block
   unrolled (lowered only, never compiled).
 
@@ -113,7 +113,7 @@ class JaxSide:
     self.compile_s = time.perf_counter() - start
     self.train_flops = self.forward_flops = None
     if counts_flops():
-      self.train_flops = unrolled_train_flops(self.model, tx, schedule, config, mesh, abstract)
+      self.train_flops = unrolled_step_flops(self.model, tx, schedule, config, mesh, abstract)
     self.peak_bytes = peak_bytes(self.train)
     self.memory = self.train.memory_analysis()
     # The state (parameters, EMA, Adam moments) does not grow with the batch; counting everything

@@ -98,6 +98,11 @@ def test_where_the_resize_happens():
   assert augment.window_canvas(_aug(resize_on='device'), 640, 'cpu') == 640  # at least S
   # PIL's nearest neighbour steps in float64: on the host.
   assert augment.window_canvas(_aug(resize_on='device', interpolation='nearest'), 224, 'gpu') == 0
+  # Eval follows resize_on with its own filter.
+  config = defaults.train_config()
+  assert augment.eval_canvas(config, 'gpu') == 512 and augment.eval_canvas(config, 'cpu') == 0
+  config.eval.interpolation = 'nearest'
+  assert augment.eval_canvas(config, 'gpu') == 0 and augment.window_canvas(config.aug, 224, 'gpu')
 
 
 @pytest.mark.parametrize('overrides', [dict(resize_on='gpu'), dict(resize_on='device',
@@ -179,8 +184,8 @@ def test_canvas_eval_batches_go_through_the_eval_step_as_host_batches_do():
 
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   program = train_step.build(config, mesh, 10)
-  params = train_step.place_state(program.model, program.tx, jax.random.key(0), ema=config.ema_decay > 0,
-                                  shardings=program.shardings).params
+  params = train_step.place_state(program.model, program.tx, jax.random.key(0),
+                                  ema=config.ema_decay > 0, shardings=program.shardings).params
   sums = [program.eval_step(params, {**b, 'mask': np.ones(12, np.int32)}) for b in (host, dev)]
   assert float(sums[1]['count']) == 12 and np.isfinite(float(sums[0]['loss']))
   np.testing.assert_allclose(float(sums[1]['loss']), float(sums[0]['loss']), rtol=1e-3)

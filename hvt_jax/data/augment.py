@@ -43,8 +43,8 @@ def check_settings(aug: Any) -> None:
 
 def window_canvas(aug: Any, size: int, platform: str, interpolation: str | None = None) -> int:
   """The canvas side the host pads each train crop window to, for the device to resize it to
-  S = `size`; 0: the host resizes to S x S itself. With the eval transform's `interpolation`
-  (default: the train crop's, `aug.interpolation`), the same for eval images.
+  S = `size`; 0: the host resizes to S x S itself. With another `interpolation` than the train
+  crop's (`aug.interpolation`), the same for a resize with that filter (`eval_canvas`).
 
   `aug.resize_on`: 'device', 'host', or 'auto': the device on accelerators, the host on a CPU
   backend (where the "device" is the host's own cores, and the host's banded TF resize costs
@@ -62,6 +62,13 @@ def window_canvas(aug: Any, size: int, platform: str, interpolation: str | None 
   if filters.FILTERS.get(interpolation or aug['interpolation']) is None:
     return 0
   return max(canvas, size)
+
+
+def eval_canvas(config: Any, platform: str) -> int:
+  """`window_canvas` for eval images: the canvas the host pads each whole eval image to, for
+  the eval step to resize and center-crop it with `config.eval.interpolation`; 0: the host
+  crops to S x S itself."""
+  return window_canvas(config.aug, config.model.image_size, platform, config.eval.interpolation)
 
 
 def fill_color(mean: Sequence[float]) -> tuple[int, ...]:

@@ -270,8 +270,8 @@ def _batch(ds: tf.data.Dataset, local_batch: int, canvas: int, *,
            drop_remainder: bool = False) -> tf.data.Dataset:
   if not canvas:
     return ds.batch(local_batch, drop_remainder=drop_remainder)
-  # Images of any size, zero-padded into the canvas as they are batched: one copy, where
-  # padding each image in the map would cost a canvas-sized copy more (docs/performance.md).
+  # Images of any size, zero-padded into the canvas as they are batched: padding each image
+  # in the parallel map instead costs several times more (docs/performance.md).
   shapes = {k: [canvas, canvas, 3] if k == 'image' else v.shape
             for k, v in ds.element_spec.items()}
   return ds.padded_batch(local_batch, padded_shapes=shapes, drop_remainder=drop_remainder)
@@ -363,8 +363,7 @@ def eval_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
   source = sources.split_source(config, dataset, config.data.eval_split, index, count)
   # even_splits gives the first (total % count) processes one extra example.
   num_batches = math.ceil(math.ceil(total / count) / local_batch)
-  canvas = augment.window_canvas(config.aug, config.model.image_size,
-                                 mesh.devices.flat[0].platform, config.eval.interpolation)
-  ds = eval_dataset(source, config, local_batch=local_batch, canvas=canvas)
+  ds = eval_dataset(source, config, local_batch=local_batch,
+                    canvas=augment.eval_canvas(config, mesh.devices.flat[0].platform))
   return feeding.EvalIterator(ds, sharding.batch_sharding(mesh), local_batch=local_batch,
                       num_batches=num_batches, num_examples=total, undecodable=source.undecodable)

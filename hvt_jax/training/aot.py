@@ -174,8 +174,7 @@ def compile_steps(config: ml_collections.ConfigDict, devices: list,
   if 'eval' in steps:
     args = (_abstract(state.params, shardings.params),
             _batch(config.eval_batch_size, model.image_size, mesh, train=False,
-                   canvas=augment.window_canvas(config.aug, model.image_size,
-                                                devices[0].platform, config.eval.interpolation)))
+                   canvas=augment.eval_canvas(config, devices[0].platform)))
     rows.append({**common, **measure('eval', p_eval, args, batch=config.eval_batch_size,
                                      devices=devices)})
   return rows
