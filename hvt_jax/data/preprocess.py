@@ -290,18 +290,17 @@ def _decode_cropped(image: tf.Tensor,
     x = _to_rgb(image)
     top, left, h, w = window_fn(tf.shape(x)[0], tf.shape(x)[1])
     return x[top:top + h, left:left + w]
-
-  def jpeg():
-    shape = tf.image.extract_jpeg_shape(image)
-    window = tf.stack(window_fn(shape[0], shape[1]))
-    return tf.image.decode_and_crop_jpeg(image, window, channels=3)
-
-  def other():
-    x = _decode(image)
-    top, left, h, w = window_fn(tf.shape(x)[0], tf.shape(x)[1])
-    return x[top:top + h, left:left + w]
-
-  return tf.cond(tf.io.is_jpeg(image), jpeg, other)
+  # The window is drawn once, outside the conds: drawn inside each branch of one cond it cost
+  # more per image (docs/performance.md).
+  is_jpeg = tf.io.is_jpeg(image)
+  whole = tf.cond(is_jpeg, lambda: tf.zeros([0, 0, 3], tf.uint8), lambda: _decode(image))
+  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image)[:2],
+                  lambda: tf.shape(whole)[:2])
+  top, left, h, w = window_fn(shape[0], shape[1])
+  return tf.cond(is_jpeg,
+                 lambda: tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, h, w]),
+                                                       channels=3),
+                 lambda: whole[top:top + h, left:left + w])
 
 
 def _decode(data: tf.Tensor) -> tf.Tensor:
