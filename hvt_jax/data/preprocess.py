@@ -293,9 +293,14 @@ def _decode_cropped(image: tf.Tensor,
   # The window is drawn once, outside the conds: drawn inside each branch of one cond it cost
   # more per image (docs/performance.md).
   is_jpeg = tf.io.is_jpeg(image)
-  whole = tf.cond(is_jpeg, lambda: tf.zeros([0, 0, 3], tf.uint8), lambda: _decode(image))
-  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image)[:2],
-                  lambda: tf.shape(whole)[:2])
+
+  def decoded_whole():  # other formats decode whole; a JPEG's size is in its header
+    x = _decode(image)
+    return x, tf.shape(x)[:2]
+
+  whole, shape = tf.cond(is_jpeg, lambda: (tf.zeros([0, 0, 3], tf.uint8),
+                                           tf.image.extract_jpeg_shape(image)[:2]),
+                         decoded_whole)
   top, left, h, w = window_fn(shape[0], shape[1])
   return tf.cond(is_jpeg,
                  lambda: tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, h, w]),
