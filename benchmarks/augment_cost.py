@@ -184,5 +184,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.relaunch_with_huge_pages()  # as training does (hvt_jax/training/host_memory.py)
+  host_memory.configure()  # as training does (hvt_jax/training/host_memory.py)
   app.run(main)

@@ -20,7 +20,7 @@ if __name__ == '__main__':
   cli.quiet_native_logs()  # before jax and TensorFlow, which read their log settings when imported
   # Before the imports below: the restart runs this module again from its top, and they take
   # seconds (TensorFlow, through clu's summary writer).
-  host_memory.relaunch_with_huge_pages()
+  host_memory.configure()
   # Multi-process runs: a parent that turns a dead peer's native abort into one line.
   peers.supervise()
 
