@@ -5,6 +5,7 @@ adds to the train step: XLA's FLOP count and the step time, with and without it.
   python benchmarks/augment_cost.py --batch=64 --steps=5   # on an accelerator
   python benchmarks/augment_cost.py --steps=0              # FLOPs only
   python benchmarks/augment_cost.py --canvas=512           # with the crop's resize, as on a GPU
+  python benchmarks/augment_cost.py --batch=256 --canvas=512 --transfer   # and the copy, on a GPU
 
 Both steps are the real train step (`train_step.jit_steps`: mixup/cutmix, AdamW, EMA) on uint8
 batches. "With" is the paper recipe (`--randaugment`, `--random_erase`, flip); "without" turns
@@ -12,13 +13,18 @@ flip, RandAugment and erasing off, so what is left of the augmentation is the no
 With `--canvas=C` the "with" side also resizes each example's window from a C x C canvas to
 S x S first (`device_resize`, what the step does on a GPU or TPU), and the "without" side takes
 S x S images as a host that resizes gives them; the eval step is then also compared on C x C
-canvases (resized and center-cropped on the device) and on S x S images.
+canvases (resized and center-cropped on the device) and on S x S images (unless `--noeval`).
+With `--transfer` the "with" side is also timed fed from host memory, each step's batch copied to
+the devices by the training loop's own feed (`data.feeding.TrainIterator`, `data.prefetch`
+batches ahead): the device's side of the real loop, all of it but the host pipeline, which needs
+no TensorFlow. With the host's CPU-ms per image (`input_speed.py`) it bounds the end-to-end rate.
 Steps are timed interleaved (`--repeats` rounds of `--steps` steps each, after warm-up), and the
 medians are compared. FLOPs come from XLA's cost analysis of the step with every block unrolled
 (a loop body counts once), and of `augment.train_images` alone, per image.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
@@ -33,7 +39,7 @@ import timing  # noqa: E402 (benchmarks/ is not a package)
 
 from hvt_jax import defaults  # noqa: E402
 from hvt_jax import model as model_lib  # noqa: E402
-from hvt_jax.data import augment  # noqa: E402
+from hvt_jax.data import augment, feeding  # noqa: E402
 from hvt_jax import sharding  # noqa: E402
 from hvt_jax.training import host_memory, train_step  # noqa: E402
 
@@ -47,11 +53,17 @@ flags.DEFINE_string('randaugment', 'rand-m9-mstd0.5-inc1', 'the "with" side\'s R
 flags.DEFINE_float('random_erase', 0.25, 'the "with" side\'s erasing probability')
 flags.DEFINE_integer('canvas', 0, 'the "with" side resizes windows from canvases of this side '
                      '(aug.window_canvas); 0: no resize')
+flags.DEFINE_bool('eval', True, 'with --canvas, also time the eval step on canvases against S x S '
+                  'images (two more compiles)')
+flags.DEFINE_string('model_kw', '', 'extra HVT fields, e.g. depth=2,image_size=32 (a smoke run)')
+flags.DEFINE_bool('transfer', False, 'also time the "with" side fed from host memory through '
+                  'the training loop\'s feed (data.feeding)')
 
 
 def _config(augmented: bool, dtype: str):
   config = defaults.train_config()
-  config.model = model_lib.variant(FLAGS.model, drop_path=0.1, dtype=dtype)
+  config.model = model_lib.variant(FLAGS.model, drop_path=0.1, dtype=dtype,
+                                  **timing.parse_model_kw(FLAGS.model_kw))
   config.batch_size = FLAGS.batch
   if augmented:
     config.aug.update(flip=True, randaugment=FLAGS.randaugment, random_erase=FLAGS.random_erase)
@@ -77,18 +89,33 @@ class Side:
                                                       mesh=mesh)
       p_train, _ = train_step.jit_steps(model, tx, schedule, config, shardings, mesh)
       self.train = p_train.lower(self.state, abstract).compile()
-      self.batch = timing.random_batch(FLAGS.batch, model.image_size, model.num_classes, spec,
-                                       canvas=canvas)
+      host = timing.host_batch(FLAGS.batch, model.image_size, model.num_classes, canvas=canvas)
+      self.batch = jax.device_put(host, spec)
       self.step = 0
+      self.batch_bytes = sum(v.nbytes for v in host.values())
+      if FLAGS.transfer and augmented:
+        self.feed = feeding.TrainIterator(self._host_batches(host), spec,
+                                          prefetch=config.data.prefetch)
 
-  def seconds_per_step(self, steps: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds per step."""
+  @staticmethod
+  def _host_batches(host):
+    """Endless host batches, a new epoch each: other examples, as in training."""
+    for epoch in itertools.count(1):
+      ids = host['example_id'].copy()
+      ids[:, 1] = epoch
+      yield {**host, 'example_id': ids}
+
+  def seconds_per_step(self, steps: int, fed: bool = False) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step, on the batch kept on the devices or `fed` from
+    host memory."""
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
-      # A new epoch each call: other examples, so other ops and boxes, as in training.
-      self.step += 1
-      ids = self.batch['example_id'].at[:, 1].set(self.step)
-      self.state, metrics = self.train(self.state, {**self.batch, 'example_id': ids})
+      if fed:
+        batch = next(self.feed)
+      else:  # a new epoch each step: other examples, so other ops and boxes, as in training
+        self.step += 1
+        batch = {**self.batch, 'example_id': self.batch['example_id'].at[:, 1].set(self.step)}
+      self.state, metrics = self.train(self.state, batch)
     jax.block_until_ready(metrics['loss'])
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
@@ -162,16 +189,19 @@ def main(argv):
         f'{flops["without"] / 1e9:.2f} G: +{100 * (flops["with"] / flops["without"] - 1):.2f}%')
   print(f'augmentation alone (train_images): {aug_flops / 1e6:.1f} MFLOP per image, '
         f'{100 * aug_flops * FLAGS.batch / flops["without"]:.2f}% of the step without it')
-  if FLAGS.canvas:
+  if FLAGS.canvas and FLAGS.eval:
     eval_cost(sides['without'].config, mesh, FLAGS.canvas)
   if not FLAGS.steps:
     return
-  times = {k: [] for k in sides}
-  for side in sides.values():  # warm-up
-    side.seconds_per_step(1)
+  timed = {k: side.seconds_per_step for k, side in sides.items()}
+  if FLAGS.transfer:
+    timed['fed'] = lambda steps: sides['with'].seconds_per_step(steps, fed=True)
+  times = {k: [] for k in timed}
+  for run in timed.values():  # warm-up
+    run(1)
   for _ in range(FLAGS.repeats):
-    for k, side in sides.items():
-      times[k].append(side.seconds_per_step(FLAGS.steps))
+    for k, run in timed.items():
+      times[k].append(run(FLAGS.steps))
   # Wall time, and the CPU time of all of the process's threads: on a shared machine the
   # second is the steadier measure of the work done.
   for i, what in enumerate(('wall', 'CPU')):
@@ -179,6 +209,15 @@ def main(argv):
     print(f'step {what} time (median of {FLAGS.repeats} x {FLAGS.steps}): with '
           f'{median["with"] * 1e3:.0f} ms, without {median["without"] * 1e3:.0f} ms: '
           f'+{100 * (median["with"] / median["without"] - 1):.1f}%')
+    if FLAGS.transfer:
+      with_ = sides['with']
+      fed, kept = (FLAGS.batch / median[k] for k in ('fed', 'with'))
+      digits = 0 if kept >= 100 else 1
+      rate = f'; {fed:,.{digits}f} against {kept:,.{digits}f} img/s' if what == 'wall' else ''
+      print(f'  fed from host memory ({with_.batch_bytes / FLAGS.batch / 1024:.0f} KiB per image, '
+            f'data.feeding, {with_.config.data.prefetch} batches ahead): '
+            f'{median["fed"] * 1e3:.0f} ms, {100 * (median["fed"] / median["with"] - 1):+.1f}% '
+            f'against the batch kept on the devices{rate}')
     print(f'  rounds ({what} ms): ' + '; '.join(
         f'{k} ' + ' '.join(f'{t[i] * 1e3:.0f}' for t in v) for k, v in times.items()))
 

@@ -21,11 +21,16 @@
 #      padded by one masked token, at odd ones (attention=cudnn); if it fails, the rest runs with
 #      attention=xla and says so.
 #   2. batch 256, both models in one process, JAX and PyTorch (eager and torch.compile) interleaved.
-#   3. JAX-only variants of HVT-S-1 at batch 256: cuDNN in every block (attention=cudnn) and XLA
+#   3. the device's side of the real training loop, which needs no TensorFlow: HVT-S-1's step with
+#      the paper recipe's augmentation and the crop's resize from 512x512 canvases, fed from host
+#      memory by the loop's own feed (augment_cost.py --transfer), against the step without them and
+#      on a batch kept on the device. With the host's CPU-ms per image (input_speed.py, on any
+#      machine) it bounds the end-to-end rate.
+#   4. JAX-only variants of HVT-S-1 at batch 256: cuDNN in every block (attention=cudnn) and XLA
 #      attention everywhere: what 'auto' buys and what it could become. (Scanned blocks, slower
 #      than unrolled on a GPU (docs/performance.md), are left out; `--model_kw=scan_blocks=true`
 #      times them.)
-#   4. the largest batch, one process per model (PyTorch first, then JAX, each with the whole
+#   5. the largest batch, one process per model (PyTorch first, then JAX, each with the whole
 #      device); the memory slope comes from phase 2's compiled step, so only one compile is added.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -51,12 +56,12 @@ if [[ -n "${HVT_SMOKE:-}" ]]; then
   END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-1200}))  # a slow shared CPU compiles slowly
   TINY=depth=2,image_size=32,patch_size=16
   COMMON=(--dtype=bfloat16 --steps=1 --repeats=1)
-  BATCH=4; MAX=(--memory_gb=0.2)
+  BATCH=4; MAX=(--memory_gb=0.2); CANVAS=64
 else
   END=$((SECONDS + ${HVT_GPU_CHECK_SECONDS:-480}))
   TINY=
   COMMON=(--dtype=bfloat16 --steps=10 --repeats=3)
-  BATCH=256; MAX=()
+  BATCH=256; MAX=(); CANVAS=512
 fi
 ROWS="$WORK/rows.jsonl"
 touch "$ROWS"
@@ -110,13 +115,21 @@ if [[ -n "$KEEP" && -d "$WORK/trace" ]]; then
   find "$WORK/trace" -name 'perfetto_trace.json.gz' -exec cp {} "$KEEP/" \; -quit
   cp "$WORK/trace/train_step.hlo.txt" "$KEEP/" 2>/dev/null || true  # the traced step's fusions
 fi
-# 3. What the GPU defaults buy, and what could become one: JAX only, one process.
+# 3. The device's side of the training loop: augmentation, resize and the copy from host memory.
+if (( END - SECONDS >= 90 )); then
+  timeout $((END - SECONDS)) "$PY" benchmarks/augment_cost.py --batch="$BATCH" --canvas="$CANVAS" \
+    --transfer --noeval --model_kw="$KW" "${COMMON[@]}" \
+    2>&1 | grep -v -E '^[IWE][0-9]{4} ' | tee "$WORK/augment_cost.txt" || echo "augment_cost.py stopped"
+else
+  echo "skipped ($((END - SECONDS)) s of the time budget left): augment_cost.py"
+fi
+# 4. What the GPU defaults buy, and what could become one: JAX only, one process.
 VARIANTS=()
 [[ $PADDED == yes ]] && VARIANTS+=(--model_kw="${TINY}${TINY:+,}attention=cudnn")
 [[ $ATTENTION == auto ]] && VARIANTS+=(--model_kw="${TINY}${TINY:+,}attention=xla")
 [[ -n "$TINY" ]] && VARIANTS+=(--model_kw="$KW,scan_blocks=true")  # smoke: the path still runs
 (( ${#VARIANTS[@]} )) && run 60 --models=hvt-s-1 --batch="$BATCH" "${VARIANTS[@]}"
-# 4. Largest batch: one process per model, so neither framework keeps memory from the other;
+# 5. Largest batch: one process per model, so neither framework keeps memory from the other;
 # PyTorch runs first and frees the device, then JAX.
 for model in hvt-s-1 hvt-s-0; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run 60 --torch --models="$model" --batch=max \
@@ -126,6 +139,13 @@ done
 echo
 echo "=== gpu_check summary ($((SECONDS)) s) ==="
 "$PY" benchmarks/model_speed.py --table_from="$ROWS"
+if [[ -s "$WORK/augment_cost.txt" ]]; then
+  echo "The device's side of the training loop (augment_cost.py, HVT-S-1, batch $BATCH):"
+  grep -E '^(hvt|train step FLOPs|augmentation alone|step wall time|  fed from host)' \
+    "$WORK/augment_cost.txt" | head -5
+  echo "End to end, the loop runs at the lower of that fed rate and what the host's $(nproc) cores" \
+    "feed: $(nproc) x 1000 / (input_speed.py's CPU-ms per image) img/s."
+fi
 if [[ -n "$KEEP" && -f "$KEEP/perfetto_trace.json.gz" ]]; then
   echo "Where a batch-$BATCH HVT-S-1 train step's time goes (the trace kept in $KEEP):"
   HLO=()  # the largest fusions: does XLA:GPU re-fuse the backward's residual sum as XLA:CPU does?

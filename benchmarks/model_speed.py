@@ -34,7 +34,6 @@ import gc
 import platform
 import sys
 import time
-from typing import Any
 
 from absl import app, flags
 import jax
@@ -79,24 +78,6 @@ _START = time.perf_counter()
 
 def peak_tflops(device) -> float | None:
   return FLAGS.peak_tflops or speed_report.known_peak(device.device_kind)
-
-
-def parse_model_kw(text: str) -> dict[str, Any]:
-  """'attention=cudnn,remat=true,depth=2' -> typed values; unknown fields fail in model.variant."""
-  out = {}
-  for item in filter(None, text.split(',')):
-    key, _, value = item.partition('=')
-    low = value.lower()
-    if low in ('true', 'false'):
-      out[key] = low == 'true'
-    else:
-      for kind in (int, float, str):
-        try:
-          out[key] = kind(value)
-          break
-        except ValueError:
-          pass
-  return out
 
 
 def _on_gpu() -> bool:
@@ -235,7 +216,7 @@ def main(argv):
     speed_report.print_tables(rows, peak_tflops(device) if same_chip else FLAGS.peak_tflops)
     return
   dtype = FLAGS.dtype or timing.default_dtype(device)
-  variants = [parse_model_kw(text) for text in FLAGS.model_kw or ['']]
+  variants = [timing.parse_model_kw(text) for text in FLAGS.model_kw or ['']]
   if 'max' in FLAGS.batch and len(variants) > 1:
     raise app.UsageError('--batch=max takes one --model_kw')
   if FLAGS.trace and os.path.exists(FLAGS.trace):  # an older trace would pass for this one

@@ -23,6 +23,24 @@ def default_dtype(device) -> str:
   return 'float32' if device.platform == 'cpu' else 'bfloat16'
 
 
+def parse_model_kw(text: str) -> dict[str, Any]:
+  """'attention=cudnn,remat=true,depth=2' -> typed values; unknown fields fail in model.variant."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, _, value = item.partition('=')
+    low = value.lower()
+    if low in ('true', 'false'):
+      out[key] = low == 'true'
+    else:
+      for kind in (int, float, str):
+        try:
+          out[key] = kind(value)
+          break
+        except ValueError:
+          pass
+  return out
+
+
 def abstract_batch(batch: int, size: int, spec, canvas: int = 0) -> dict:
   """The train step's input, as the host pipeline feeds it: uint8 images, labels, example ids;
   with a `canvas`, (canvas, canvas) images holding windows to resize and their 'window' sizes."""
@@ -37,8 +55,14 @@ def abstract_batch(batch: int, size: int, spec, canvas: int = 0) -> dict:
 
 def random_batch(batch: int, size: int, num_classes: int, spec, seed: int = 0,
                  canvas: int = 0) -> dict:
-  """A concrete batch of `abstract_batch`'s shapes on the devices: process 0, epoch 0; windows
-  from half the output size to the whole canvas."""
+  """A concrete batch of `abstract_batch`'s shapes on the devices (`host_batch`, placed)."""
+  return jax.device_put(host_batch(batch, size, num_classes, seed, canvas), spec)
+
+
+def host_batch(batch: int, size: int, num_classes: int, seed: int = 0,
+               canvas: int = 0) -> dict[str, np.ndarray]:
+  """A batch of `abstract_batch`'s shapes in host memory, as the input pipeline hands it over:
+  process 0, epoch 0; windows from half the output size to the whole canvas."""
   rng = np.random.default_rng(seed)
   ids = np.stack([np.zeros(batch), np.zeros(batch), np.arange(batch)], -1)
   side = canvas or size
@@ -47,7 +71,7 @@ def random_batch(batch: int, size: int, num_classes: int, spec, seed: int = 0,
          'example_id': ids.astype(np.int32)}
   if canvas:
     out['window'] = rng.integers(size // 2, canvas + 1, (batch, 2)).astype(np.int32)
-  return jax.device_put(out, spec)
+  return out
 
 
 def xla_cost(program) -> dict:

@@ -5,7 +5,7 @@
 
 The weights of `init_from` (a converted or exported model dir, or a training workdir) start
 the run, and its saved model config is the architecture: position embeddings are resampled to
-`size` (README, "Another resolution"), and a head of another class count starts fresh. The recipe is DeiT's 384 fine-tune (DeiT README:
+`size` (docs/reference.md, "Another resolution"), and a head of another class count starts fresh. The recipe is DeiT's 384 fine-tune (DeiT README:
 `--lr 5e-6 --weight-decay 1e-8 --epochs 30 --min-lr 5e-6` at a global batch of 512, warmup
 and augmentation as in training): a constant lr of 5e-6 per 512 images after 5 warmup epochs.
 

@@ -29,7 +29,7 @@ def _run_blocked(code: str) -> subprocess.CompletedProcess:
 def test_model_and_train_step_import_without_tensorflow_or_ml_collections():
   mods = ['hvt_jax', 'hvt_jax.model', 'hvt_jax.training.train_step', 'hvt_jax.training.optim',
           'hvt_jax.sharding', 'hvt_jax.data.mixup', 'hvt_jax.training.checkpoint',
-          'hvt_jax.loading', 'hvt_jax.model_dir']
+          'hvt_jax.loading', 'hvt_jax.model_dir', 'hvt_jax.data.feeding']
   code = ''.join(f'import {m}; ' for m in mods)
   code += f'bad = sorted(m for m in {_ABSENT!r} if sys.modules.get(m) is not None); print(bad)'
   out = _run_blocked(code)
@@ -139,6 +139,22 @@ def test_gpu_check_smoke_runs_without_tensorflow_tfds_clu_or_installed_ml_collec
   assert {'gpu_check.log', 'rows.jsonl', 'perfetto_trace.json.gz', 'train_step.hlo.txt'} <= {
       p.name for p in kept.iterdir()}
   assert 'The 8 largest fusions of the HLO: instructions, operands, result, name' in summary, summary
+  # The device's side of the training loop, fed from host memory without TensorFlow.
+  device_side = summary.split("The device's side of the training loop")[-1]
+  assert '  fed from host memory (' in device_side and 'img/s' in device_side, summary
+
+
+def test_augment_cost_times_the_step_fed_through_the_training_loops_feed():
+  kw = ','.join(f'{k}={v}' for k, v in TINY_MODEL.items())
+  out = run_benchmark('augment_cost.py', f'--model_kw={kw}', '--batch=2', '--canvas=48',
+                      '--transfer', '--steps=1', '--repeats=1')
+  assert out.returncode == 0, out.stderr[-3000:]
+  # A 48 x 48 x 3 uint8 canvas, its label, example id and window size (int32): 6,936 bytes.
+  fed = [line for line in out.stdout.splitlines()
+         if line.startswith('  fed from host memory (7 KiB per image, data.feeding, 2 batches')]
+  assert len(fed) == 2, out.stdout  # wall time, then CPU time
+  assert fed[0].endswith('img/s') and 'img/s' not in fed[1], out.stdout
+  assert 'rounds (wall ms): with ' in out.stdout and '; fed ' in out.stdout, out.stdout
 
 
 def _model_speed(*args, **env) -> subprocess.CompletedProcess:
@@ -165,7 +181,7 @@ def test_model_speed_refuses_variants_at_the_largest_batch():
 
 def test_model_speed_times_steady_calls_one_untimed_call_after_the_other_side():
   """Sides alternate; each timing starts with one untimed call, as the first call after the other
-  side ran pays for the memory that side left behind (README, Against PyTorch)."""
+  side ran pays for the memory that side left behind (docs/performance.md, "Against PyTorch")."""
   timing = load_benchmark('timing')
   log = []
 

@@ -2,7 +2,6 @@
 every complete checkpoint (hvt_jax/training/peers.py)."""
 import os
 import re
-import signal
 import threading
 import time
 

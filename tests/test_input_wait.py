@@ -7,7 +7,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from hvt_jax.data import input_pipeline
 from hvt_jax.training import curves, loop

@@ -107,7 +107,7 @@ def test_predict_at_another_size_and_its_error_line(tmp_path):
 def test_trained_digits_model_keeps_its_accuracy_from_32_to_48_px(tmp_path):
   """Trains the tiny config at 32 px, then evaluates it at 32 and, resampled, at 48.
 
-  The README's figure is the full demo's (99.7% -> 82.0%); this briefly trained model loses
+  docs/reference.md's figure is the full demo's (99.67% -> 82.0%); this briefly trained model loses
   more (measured: 63.3% -> 29.0%), but stays well above chance (10%).
   """
   workdir = tmp_path / 'run'

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 
-from hvt_jax.data.sources import InputError
+from hvt_jax.errors import InputError
+
+if TYPE_CHECKING:
+  import tensorflow as tf
 
 
 def local_batch_size(batch_size: int, mesh: jax.sharding.Mesh, process_count: int,
@@ -102,6 +104,7 @@ class EvalIterator:
       yield _put({**padded, 'mask': (np.arange(rows) < have).astype(np.int32)}, self._sharding)
 
   def _next(self, batches):
+    import tensorflow as tf  # here, not at the top: the train feed runs where TF is absent
     try:
       return next(batches, None)
     except tf.errors.InvalidArgumentError:

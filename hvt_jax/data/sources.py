@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hvt_jax.data import datasets, folders
-from hvt_jax.errors import UserError
+from hvt_jax.errors import InputError  # noqa: F401 (raised here, and named sources.InputError)
 
 try:  # tf.data only needs the CPU; keep TensorFlow off the accelerators JAX uses
   tf.config.set_visible_devices([], 'GPU')
@@ -25,10 +25,6 @@ except RuntimeError:  # TensorFlow already initialized its devices; too late, ha
   pass
 
 _READ_PARALLELISM = 16  # files read at once: enough to hide storage latency
-
-
-class InputError(UserError):
-  """A batch size or setting the input pipeline cannot use; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
