@@ -65,9 +65,16 @@ else
 fi
 ROWS="$WORK/rows.jsonl"
 touch "$ROWS"
+have() {  # have NEED WHAT...: whether NEED seconds of the budget are left; if not, says WHAT skips
+  local left=$((END - SECONDS))
+  (( left >= $1 )) && return 0
+  echo "skipped ($left s of the time budget left): ${*:2}"
+  return 1
+}
 run() {  # run NEED ARGS...: one model_speed.py process if NEED seconds of the budget are left
-  local need=$1 left=$((END - SECONDS)); shift
-  if (( left < need )); then echo "skipped ($left s of the time budget left): $*"; return 0; fi
+  have "$@" || return 0
+  shift
+  local left=$((END - SECONDS))
   timeout "$left" "$PY" benchmarks/model_speed.py "${COMMON[@]}" --time_budget="$left" \
     --json="$ROWS" "$@" || echo "model_speed.py $* stopped (exit $?); rows so far are kept"
 }
@@ -116,12 +123,10 @@ if [[ -n "$KEEP" && -d "$WORK/trace" ]]; then
   cp "$WORK/trace/train_step.hlo.txt" "$KEEP/" 2>/dev/null || true  # the traced step's fusions
 fi
 # 3. The device's side of the training loop: augmentation, resize and the copy from host memory.
-if (( END - SECONDS >= 90 )); then
+if have 90 augment_cost.py; then
   timeout $((END - SECONDS)) "$PY" benchmarks/augment_cost.py --batch="$BATCH" --canvas="$CANVAS" \
     --transfer --noeval --model_kw="$KW" "${COMMON[@]}" \
     2>&1 | grep -v -E '^[IWE][0-9]{4} ' | tee "$WORK/augment_cost.txt" || echo "augment_cost.py stopped"
-else
-  echo "skipped ($((END - SECONDS)) s of the time budget left): augment_cost.py"
 fi
 # 4. What the GPU defaults buy, and what could become one: JAX only, one process.
 VARIANTS=()

@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hvt_jax.data import datasets, folders
-from hvt_jax.errors import InputError  # noqa: F401 (raised here, and named sources.InputError)
+from hvt_jax.errors import InputError
 
 try:  # tf.data only needs the CPU; keep TensorFlow off the accelerators JAX uses
   tf.config.set_visible_devices([], 'GPU')
